@@ -1,0 +1,319 @@
+"""``WallarooModel``: a Qwen2.5-VL backbone with a second, discrete visual pathway.
+
+Plain single-device PyTorch: no Lightning, no distribution (``parallel.py`` applies those from outside).
+
+Batch contract (what the collator produces, all ``[B, L]`` unless noted; labels are unshifted):
+- ``input_ids``, ``attention_mask`` (1 real / 0 pad);
+- ``labels``: the token id at positions trained as text, -100 elsewhere (``<|generate_image_pad|>``
+  positions are -100 here);
+- ``image_labels``: -100 except at ``<|generate_image_pad|>`` positions, which hold the target VQ codes in
+  raster order. They are both the inputs of those slots (through the task's adapter) and the targets of the
+  task's image head;
+- ``mm_token_type_ids``: 1 exactly at ViT ``<|image_pad|>`` tokens (never at the editing pixel block);
+- optional ``pixel_values`` ``[N, 1176]`` and ``image_grid_thw`` ``[n_images, 3]`` for the ViT;
+- optional ``pixel_latents`` ``[sum R*C, codebook_dim]`` (editing): the L2-normalised continuous VQ latents
+  of the source images in raster order, one block per sample, filling the ``<|image_pad|>`` tokens that are
+  not ViT tokens.
+
+The VQ codebook is passed in (``codebook``, ``[K, D]``) rather than owned: the frozen VQ tokenizer lives
+beside the model, and the official checkpoint layout has no VQ weights.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from wallaroo.config import WallarooConfig
+
+Task = Literal["t2i", "edit", "und"]
+IGNORE = -100
+
+
+def mlp_adapter(in_dim: int, hidden: int) -> nn.Sequential:
+    """Linear(in, H) - GELU - Linear(H, H): maps an 8-d code vector or latent into the LLM width."""
+    return nn.Sequential(nn.Linear(in_dim, hidden), nn.GELU(), nn.Linear(hidden, hidden))
+
+
+def image_head(hidden: int, codebook_size: int) -> nn.Sequential:
+    """Linear(H, H) - GELU - Linear(H, K, no bias): next-code logits from the last hidden state."""
+    return nn.Sequential(nn.Linear(hidden, hidden), nn.GELU(), nn.Linear(hidden, codebook_size, bias=False))
+
+
+def pick_attn_implementation(requested: str | None = None) -> str:
+    """``flash_attention_2`` when CUDA and the package are present, else ``sdpa`` (unless requested)."""
+    if requested:
+        return requested
+    if torch.cuda.is_available() and importlib.util.find_spec("flash_attn") is not None:
+        return "flash_attention_2"
+    return "sdpa"
+
+
+def build_backbone(cfg: WallarooConfig) -> nn.Module:
+    """The ``Qwen2_5_VLForConditionalGeneration`` of a preset: random init from its shape, or the weights
+    of a local directory (``cfg.pretrained``; never a hub id)."""
+    from transformers import Qwen2_5_VLForConditionalGeneration
+
+    attn = pick_attn_implementation(cfg.attn_implementation)
+    if cfg.pretrained:
+        import os
+
+        if not os.path.isdir(cfg.pretrained):
+            raise FileNotFoundError(
+                f"model.pretrained={cfg.pretrained!r} is not a local directory; weights are never downloaded"
+            )
+        return Qwen2_5_VLForConditionalGeneration.from_pretrained(
+            cfg.pretrained, local_files_only=True, attn_implementation=attn, dtype=torch.float32
+        )
+    hf_cfg = cfg.backbone.to_hf(cfg.special_base)
+    hf_cfg._attn_implementation = attn
+    return Qwen2_5_VLForConditionalGeneration(hf_cfg)
+
+
+@dataclass
+class TaskLoss:
+    """One task's loss and its parts. ``image`` is ``None`` for understanding."""
+
+    loss: Tensor
+    text: Tensor
+    image: Tensor | None
+    n_text: int
+    n_image: int
+
+
+@dataclass
+class PreparedInputs:
+    """What the decoder consumes: embeddings after every scatter, 3-D positions, the 2-D padding mask."""
+
+    inputs_embeds: Tensor
+    position_ids: Tensor
+    attention_mask: Tensor
+    rope_deltas: Tensor
+
+
+class WallarooModel(nn.Module):
+    """Backbone + ``gen_adapter``/``gen_head`` (+ ``pixel_adapter``/``edit_adapter``/``edit_head`` when
+    ``cfg.edit``). Top-level attribute names are the module names used by freezing, optimiser groups and
+    checkpoints."""
+
+    def __init__(self, cfg: WallarooConfig, backbone: nn.Module | None = None) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.backbone = backbone if backbone is not None else build_backbone(cfg)
+        hidden = self.backbone.config.text_config.hidden_size
+        self.hidden_size = hidden
+        self.gen_adapter = mlp_adapter(cfg.codebook_dim, hidden)
+        self.gen_head = image_head(hidden, cfg.codebook_size)
+        if cfg.edit:
+            self.add_edit_modules()
+        self.gen_pad_id = cfg.special_id("generate_image_pad")
+        self.image_pad_id = cfg.special_id("image_pad")
+
+    # ----------------------------------------------------------------------------------- structure
+    def add_edit_modules(self) -> None:
+        """Create the stage-4 modules (idempotent): ``pixel_adapter``, ``edit_adapter``, ``edit_head``."""
+        if hasattr(self, "edit_head"):
+            return
+        device = self.gen_head[0].weight.device
+        dtype = self.gen_head[0].weight.dtype
+        hidden, cfg = self.hidden_size, self.cfg
+        self.pixel_adapter = mlp_adapter(cfg.codebook_dim, hidden).to(device=device, dtype=dtype)
+        self.edit_adapter = mlp_adapter(cfg.codebook_dim, hidden).to(device=device, dtype=dtype)
+        self.edit_head = image_head(hidden, cfg.codebook_size).to(device=device, dtype=dtype)
+        self.cfg.edit = True
+
+    @property
+    def has_edit(self) -> bool:
+        return hasattr(self, "edit_head")
+
+    @property
+    def visual(self) -> nn.Module:
+        return self.backbone.model.visual
+
+    @property
+    def language_model(self) -> nn.Module:
+        return self.backbone.model.language_model
+
+    @property
+    def lm_head(self) -> nn.Module:
+        return self.backbone.lm_head
+
+    def embed_tokens(self, ids: Tensor) -> Tensor:
+        return self.language_model.embed_tokens(ids)
+
+    def adapter(self, task: Task) -> nn.Module:
+        if task == "edit":
+            self._require_edit()
+            return self.edit_adapter
+        return self.gen_adapter
+
+    def head(self, task: Task) -> nn.Module:
+        if task == "edit":
+            self._require_edit()
+            return self.edit_head
+        return self.gen_head
+
+    def _require_edit(self) -> None:
+        if not self.has_edit:
+            raise RuntimeError("this model has no editing modules (stage 4 adds them: model.edit=true)")
+
+    # ----------------------------------------------------------------------------------- inputs
+    def code_embeddings(self, codes: Tensor, codebook: Tensor, task: Task) -> Tensor:
+        """``adapter(l2norm(codebook[codes]))`` for any shape of ``codes``."""
+        vec = F.normalize(codebook[codes].float(), dim=-1)
+        adapter = self.adapter(task)
+        return adapter(vec.to(adapter[0].weight.dtype))
+
+    def vit_features(self, pixel_values: Tensor, image_grid_thw: Tensor) -> Tensor:
+        """Merged ViT features, one row per LLM image token, images concatenated in order."""
+        out = self.backbone.model.get_image_features(pixel_values, image_grid_thw, return_dict=True)
+        return torch.cat(list(out.pooler_output), dim=0)
+
+    def mask_latents(self, latents: Tensor, counts: list[int], ratio: float) -> Tensor:
+        """MAE-style random masking per sample: ``int(n * (1 - ratio))`` rows kept, the rest set to -1."""
+        if ratio <= 0:
+            return latents
+        out = []
+        for block in torch.split(latents, counts):
+            n = block.shape[0]
+            keep = int(n * (1 - ratio))
+            order = torch.rand(n, device=block.device).argsort()
+            masked = torch.full_like(block, -1.0)
+            masked[order[:keep]] = block[order[:keep]]
+            out.append(masked)
+        return torch.cat(out) if out else latents
+
+    def prepare_inputs(
+        self,
+        batch: dict[str, Tensor],
+        codebook: Tensor | None,
+        task: Task,
+        pixel_mask_ratio: float = 0.0,
+    ) -> PreparedInputs:
+        """Token embeddings with ViT features, source latents and target codes scattered into their slots,
+        and M-RoPE positions from the backbone's own ``get_rope_index`` (pads at position 1)."""
+        input_ids = batch["input_ids"]
+        attention_mask = batch["attention_mask"]
+        mm_types = batch.get("mm_token_type_ids")
+        if mm_types is None:
+            # transformers 5.x silently falls back to 1-D positions for ViT tokens without these.
+            raise ValueError("batch lacks mm_token_type_ids: the ViT tokens would get 1-D positions")
+        embeds = self.embed_tokens(input_ids)
+        dtype = embeds.dtype
+
+        vit_mask = mm_types == 1
+        if vit_mask.any():
+            if batch.get("pixel_values") is None:
+                raise ValueError("batch has ViT image tokens but no pixel_values")
+            feats = self.vit_features(batch["pixel_values"], batch["image_grid_thw"])
+            if feats.shape[0] != int(vit_mask.sum()):
+                raise ValueError(f"{int(vit_mask.sum())} ViT image tokens but {feats.shape[0]} ViT features")
+            embeds = embeds.masked_scatter(vit_mask[..., None], feats.to(dtype))
+
+        pix_mask = (input_ids == self.image_pad_id) & ~vit_mask
+        if pix_mask.any():
+            self._require_edit()
+            latents = batch.get("pixel_latents")
+            if latents is None or latents.shape[0] != int(pix_mask.sum()):
+                got = None if latents is None else latents.shape[0]
+                raise ValueError(f"{int(pix_mask.sum())} pixel-block slots but pixel_latents has {got} rows")
+            counts = pix_mask.sum(1).tolist()
+            latents = self.mask_latents(latents, [c for c in counts if c], pixel_mask_ratio)
+            feats = self.pixel_adapter(latents.to(self.pixel_adapter[0].weight.dtype))
+            embeds = embeds.masked_scatter(pix_mask[..., None], feats.to(dtype))
+
+        gen_mask = input_ids == self.gen_pad_id
+        if gen_mask.any():
+            if codebook is None:
+                raise ValueError("image-code slots need the VQ codebook")
+            codes = batch["image_labels"][gen_mask]
+            if (codes < 0).any():
+                raise ValueError("a <|generate_image_pad|> slot has no code in image_labels")
+            feats = self.code_embeddings(codes, codebook, task)
+            embeds = embeds.masked_scatter(gen_mask[..., None], feats.to(dtype))
+
+        position_ids, rope_deltas = self.backbone.model.get_rope_index(
+            input_ids,
+            mm_token_type_ids=mm_types,
+            image_grid_thw=batch.get("image_grid_thw"),
+            attention_mask=attention_mask,
+        )
+        # The reference puts pads at position 1; masked keys make the value irrelevant, but keeping it
+        # lets positions be compared exactly.
+        position_ids = position_ids.masked_fill(~attention_mask.bool()[None], 1)
+        return PreparedInputs(embeds, position_ids, attention_mask, rope_deltas)
+
+    def decode(self, prepared: PreparedInputs, **kwargs: object) -> Tensor:
+        """Last hidden states (after the final norm) for prepared inputs."""
+        out = self.language_model(
+            inputs_embeds=prepared.inputs_embeds,
+            attention_mask=prepared.attention_mask,
+            position_ids=prepared.position_ids,
+            use_cache=False,
+            **kwargs,
+        )
+        return out.last_hidden_state
+
+    # ----------------------------------------------------------------------------------- losses
+    @staticmethod
+    def _shifted_ce(hidden: Tensor, labels: Tensor, head: nn.Module) -> tuple[Tensor, int]:
+        """Mean CE of ``head(hidden[p])`` against ``labels[p+1]``, evaluating the head ONLY at labelled
+        positions (the released code evaluates full-vocabulary logits at every position)."""
+        targets = labels[:, 1:]
+        sel = targets != IGNORE
+        n = int(sel.sum())
+        if n == 0:
+            return hidden.sum() * 0.0, 0
+        logits = head(hidden[:, :-1][sel]).float()
+        return F.cross_entropy(logits, targets[sel]), n
+
+    def forward(
+        self,
+        batch: dict[str, Tensor],
+        task: Task,
+        codebook: Tensor | None = None,
+        pixel_mask_ratio: float | None = None,
+    ) -> TaskLoss:
+        """The paper's loss for one task's sub-batch.
+
+        ``t2i``/``edit``: mean CE over text-labelled positions (lm_head) + mean CE over image-code positions
+        (the task's image head). ``und``: mean CE over assistant tokens. ``pixel_mask_ratio`` defaults to
+        the config's ratio in training mode and 0 in eval mode.
+        """
+        if task not in ("t2i", "edit", "und"):
+            raise ValueError(f"unknown task {task!r}")
+        if pixel_mask_ratio is None:
+            pixel_mask_ratio = self.cfg.pixel_mask_ratio if self.training else 0.0
+        prepared = self.prepare_inputs(batch, codebook, task, pixel_mask_ratio)
+        hidden = self.decode(prepared)
+        text, n_text = self._shifted_ce(hidden, batch["labels"], self.lm_head)
+        if task == "und":
+            return TaskLoss(text, text, None, n_text, 0)
+        image, n_image = self._shifted_ce(hidden, batch["image_labels"], self.head(task))
+        return TaskLoss(text + image, text, image, n_text, n_image)
+
+
+def count_parameters(module: nn.Module, trainable_only: bool = False) -> int:
+    return sum(p.numel() for p in module.parameters() if p.requires_grad or not trainable_only)
+
+
+def parameter_summary(model: WallarooModel) -> dict[str, dict[str, int]]:
+    """Total and trainable parameters per top-level module (the backbone split into ViT and LLM)."""
+    rows: dict[str, nn.Module] = {
+        "backbone": model.backbone,
+        "backbone.visual": model.visual,
+        "backbone.llm": nn.ModuleList([model.language_model, model.lm_head]),
+    }
+    for name in ("gen_adapter", "gen_head", "pixel_adapter", "edit_adapter", "edit_head"):
+        if hasattr(model, name):
+            rows[name] = getattr(model, name)
+    rows["model"] = model
+    return {
+        k: {"total": count_parameters(m), "trainable": count_parameters(m, trainable_only=True)}
+        for k, m in rows.items()
+    }
