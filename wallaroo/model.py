@@ -115,6 +115,16 @@ class WallarooModel(nn.Module):
         self.image_pad_id = cfg.special_id("image_pad")
 
     # ----------------------------------------------------------------------------------- structure
+    frozen_parts: tuple[str, ...] = ()
+
+    def train(self, mode: bool = True) -> WallarooModel:
+        """Frozen towers (``frozen_parts``, set by ``wallaroo.freezing.set_trainable``) stay in eval mode."""
+        super().train(mode)
+        from wallaroo.freezing import apply_eval_to_frozen
+
+        apply_eval_to_frozen(self)
+        return self
+
     def add_edit_modules(self) -> None:
         """Create the stage-4 modules (idempotent): ``pixel_adapter``, ``edit_adapter``, ``edit_head``."""
         if hasattr(self, "edit_head"):

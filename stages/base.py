@@ -1,0 +1,307 @@
+"""``WallarooStage``: what every training stage shares.
+
+A stage subclass states three things: which parts train (``TRAINABLE``, names from
+``wallaroo.freezing.PARTS``), which tasks it mixes (``TASKS``), and which modules it creates
+(``CREATES``: allowed to be missing from ``init_from``). Everything else lives here: building the model
+in ``configure_model``, ``init_from`` loading, freezing, the per-task steps, optimiser groups by rule,
+warm-up + constant/cosine schedules, logging and sample previews.
+
+Batches are dicts ``{task: sub_batch}`` (one sub-batch per task, see ``datamodules``). A sub-batch follows
+the ``WallarooModel`` batch contract, plus ``target_images`` / ``source_images`` ``[B, 3, H, W]`` in
+[-1, 1] when codes and latents are to be computed on the fly by the frozen VQ tokenizer.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import lightning as L
+import torch
+from torch import Tensor
+
+from wallaroo.checkpoints import (
+    convert_official_state_dict,
+    load_weights_file,
+)
+from wallaroo.config import WallarooConfig, get_preset
+from wallaroo.freezing import set_trainable
+from wallaroo.model import WallarooModel
+from wallaroo.vq import VQModel, build_vq
+
+
+@dataclass
+class OptimConfig:
+    """AdamW with warm-up and a constant or cosine schedule (the paper: betas (0.9, 0.95), no decay)."""
+
+    lr: float = 1e-4
+    betas: tuple[float, float] = (0.9, 0.95)
+    eps: float = 1e-8
+    weight_decay: float = 0.0
+    warmup_steps: int = 0
+    schedule: str = "constant"
+    min_lr_ratio: float = 0.1
+    total_steps: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.schedule not in ("constant", "cosine"):
+            raise ValueError(f"optim.schedule must be 'constant' or 'cosine', got {self.schedule!r}")
+        if self.lr <= 0:
+            raise ValueError(f"optim.lr must be positive, got {self.lr}")
+
+
+@dataclass
+class PreviewConfig:
+    """Samples logged to TensorBoard every ``every_n_steps`` optimiser steps (0: never)."""
+
+    every_n_steps: int = 0
+    t2i_prompts: list[str] = field(
+        default_factory=lambda: [
+            "a red circle at the top left and a blue square at the center",
+            "左上有一个红色圆形，中间有一个蓝色正方形",
+        ]
+    )
+    questions: list[str] = field(default_factory=lambda: ["Describe the image.", "图中有几个图形？"])
+    edit_instructions: list[str] = field(default_factory=lambda: ["Remove the circle.", "把正方形变成绿色。"])
+    size: str | None = None
+    cfg_scale: float = 3.0
+    top_k: int = 0
+    seed: int = 0
+    max_new_tokens: int = 48
+
+
+def lr_lambda(step: int, warmup: int, total: int | None, schedule: str, min_ratio: float) -> float:
+    """Multiplier of the base LR at ``step``: linear warm-up, then constant or cosine to ``min_ratio``."""
+    if warmup > 0 and step < warmup:
+        return (step + 1) / warmup
+    if schedule == "constant" or not total or total <= warmup:
+        return 1.0
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def param_groups(module: torch.nn.Module, weight_decay: float) -> list[dict[str, Any]]:
+    """Trainable parameters in two groups by rule: decay for matrices, none for ``ndim <= 1`` (norms,
+    biases). Asserts the groups partition the trainable parameters."""
+    decay, no_decay = [], []
+    for p in module.parameters():
+        if p.requires_grad:
+            (no_decay if p.ndim <= 1 else decay).append(p)
+    trainable = {id(p) for p in module.parameters() if p.requires_grad}
+    grouped = [id(p) for p in decay + no_decay]
+    assert len(grouped) == len(set(grouped)) and set(grouped) == trainable, "optimiser groups must partition"
+    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return [g for g in groups if g["params"]]
+
+
+def build_optimizer(module: torch.nn.Module, o: OptimConfig, max_steps: int) -> dict[str, Any]:
+    """AdamW over ``param_groups`` and a per-step LambdaLR; the cosine horizon defaults to ``max_steps``."""
+    opt = torch.optim.AdamW(param_groups(module, o.weight_decay), lr=o.lr, betas=tuple(o.betas), eps=o.eps)
+    total = o.total_steps or (max_steps if max_steps > 0 else None)
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: lr_lambda(s, o.warmup_steps, total, o.schedule, o.min_lr_ratio)
+    )
+    return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+
+class WallarooStage(L.LightningModule):
+    """Base of the four Wallaroo stages (and of the ShapesWorld VLM pre-training step)."""
+
+    TRAINABLE: ClassVar[tuple[str, ...]] = ()
+    TASKS: ClassVar[tuple[str, ...]] = ()
+    CREATES: ClassVar[tuple[str, ...]] = ()
+    EDIT: ClassVar[bool] = False
+
+    def __init__(
+        self,
+        preset: str = "tiny",
+        overrides: dict[str, Any] | None = None,
+        init_from: str | None = None,
+        optim: OptimConfig | None = None,
+        loss_weights: dict[str, float] | None = None,
+        preview: PreviewConfig | None = None,
+    ) -> None:
+        """
+        Args:
+            preset: model preset (``wallaroo.config.PRESETS``).
+            overrides: model config fields to replace (e.g. ``pretrained``, ``vq_path``, ``backbone.<f>``).
+            init_from: weights of the previous stage (a Lightning checkpoint, a ``.safetensors`` file of
+                our keys, or an official Wallaroo checkpoint). A new run starts from them; use
+                ``--ckpt_path`` instead to resume this run.
+            optim: optimiser and schedule.
+            loss_weights: per-task loss weights (default 1 for every task of the stage).
+            preview: sample previews logged to TensorBoard.
+        """
+        super().__init__()
+        self.save_hyperparameters()
+        self.preset = preset
+        self.overrides = dict(overrides or {})
+        self.init_from = init_from
+        self.optim = optim or OptimConfig()
+        weights = {t: 1.0 for t in self.TASKS}
+        unknown = set(loss_weights or {}) - set(self.TASKS)
+        if unknown:
+            raise ValueError(f"loss_weights for tasks {sorted(unknown)} that {type(self).__name__} lacks")
+        weights.update(loss_weights or {})
+        self.loss_weights = weights
+        self.preview = preview or PreviewConfig()
+        # Fails before any heavy work on an unknown preset or field.
+        self.model_config: WallarooConfig = self.build_config()
+        self.model: WallarooModel | None = None
+        self.vq: VQModel | None = None
+        self.counts: dict[str, int] = {}
+        self._last_time: float | None = None
+
+    # ------------------------------------------------------------------------------ building
+    def build_config(self) -> WallarooConfig:
+        cfg = get_preset(self.preset, **self.overrides)
+        if self.EDIT:
+            cfg.edit = True
+        return cfg
+
+    def configure_model(self) -> None:
+        """Build model and VQ (idempotent). Under a strategy with an empty-init context this runs on the
+        meta device and the strategy materialises the weights."""
+        if self.model is not None:
+            return
+        self.model = WallarooModel(self.model_config)
+        self.vq = build_vq(self.model_config.vq)
+        self.vq.requires_grad_(False)
+        self.vq.eval()
+        if not next(self.model.parameters()).is_meta:
+            self.load_initial_weights()
+        self.counts = set_trainable(self.model, self.TRAINABLE)
+
+    def load_initial_weights(self) -> None:
+        """``init_from`` (previous stage) and ``vq_path`` (LlamaGen or a tokenizer checkpoint), strictly:
+        only the modules this stage creates may be missing, and nothing may be unexpected."""
+        cfg = self.model_config
+        if self.init_from:
+            state = load_weights_file(self.init_from)
+            if any(k.startswith("wallaroo.") for k in state):
+                state = {f"model.{k}": v for k, v in convert_official_state_dict(state).items()}
+            model_state = {k[len("model.") :]: v for k, v in state.items() if k.startswith("model.")}
+            created = tuple(f"{c}." for c in self.CREATES)
+            result = self.model.load_state_dict(model_state, strict=False)
+            missing = [k for k in result.missing_keys if not k.startswith(created)]
+            if missing or result.unexpected_keys:
+                raise ValueError(
+                    f"init_from={self.init_from} does not fit {type(self).__name__}: missing keys "
+                    f"{missing[:8]} ({len(missing)} in all), unexpected keys {result.unexpected_keys[:8]}"
+                )
+            vq_state = {k[len("vq.") :]: v for k, v in state.items() if k.startswith("vq.")}
+            if vq_state and not cfg.vq_path:
+                self.vq.load_state_dict(vq_state, strict=True)
+        if cfg.vq_path:
+            self.vq.load_state_dict(load_vq_state(cfg.vq_path), strict=True)
+
+    def on_fit_start(self) -> None:
+        self.log_counts()
+
+    def log_counts(self) -> None:
+        if self.logger is not None and self.counts:
+            for k, v in self.counts.items():
+                self.logger.log_metrics({f"params/{k}": float(v)}, step=0)
+
+    # ------------------------------------------------------------------------------ steps
+    @torch.no_grad()
+    def tokenize_images(self, task: str, sub: dict[str, Tensor]) -> dict[str, Tensor]:
+        """Fill target codes and source latents with the frozen VQ where the shard did not carry them."""
+        sub = dict(sub)
+        if "target_images" in sub:
+            codes, _ = self.vq.encode(sub.pop("target_images").to(self.vq_dtype))
+            gen = sub["input_ids"] == self.model.gen_pad_id
+            labels = sub["image_labels"].clone()
+            labels[gen] = codes.reshape(-1).to(labels.dtype)
+            sub["image_labels"] = labels
+        if "source_images" in sub:
+            _, latents = self.vq.encode(sub.pop("source_images").to(self.vq_dtype))
+            sub["pixel_latents"] = latents.reshape(-1, latents.shape[-1])
+        return sub
+
+    @property
+    def vq_dtype(self) -> torch.dtype:
+        return next(self.vq.parameters()).dtype
+
+    @property
+    def codebook(self) -> Tensor:
+        return self.vq.quantize.embedding.weight
+
+    def shared_step(self, batch: dict[str, dict[str, Tensor]], split: str) -> Tensor:
+        total: Tensor | None = None
+        n_tokens = 0
+        n_samples = 0
+        for task, sub in batch.items():
+            if task not in self.TASKS:
+                raise ValueError(f"{type(self).__name__} got a {task!r} batch; its tasks are {self.TASKS}")
+            sub = self.tokenize_images(task, sub)
+            out = self.model(sub, task, self.codebook)
+            weighted = self.loss_weights[task] * out.loss
+            total = weighted if total is None else total + weighted
+            bs = sub["input_ids"].shape[0]
+            n_tokens += int(sub["attention_mask"].sum())
+            n_samples += bs
+            on_step = split == "train"
+            parts = {"": out.loss, "_text": out.text if out.image is not None else None, "_image": out.image}
+            for suffix, value in parts.items():
+                if value is not None:
+                    self.log(
+                        f"{split}/loss_{task}{suffix}",
+                        value,
+                        batch_size=bs,
+                        on_step=on_step,
+                        on_epoch=not on_step,
+                    )
+        assert total is not None, "empty batch"
+        self.log(f"{split}/loss", total, prog_bar=True, on_step=split == "train", on_epoch=split != "train")
+        if split == "train":
+            self._log_throughput(n_tokens, n_samples)
+        return total
+
+    def _log_throughput(self, n_tokens: int, n_samples: int) -> None:
+        now = time.perf_counter()
+        if self._last_time is not None:
+            dt = max(now - self._last_time, 1e-9)
+            self.log("train/tokens_per_s", n_tokens / dt)
+            self.log("train/samples_per_s", n_samples / dt)
+        self._last_time = now
+
+    def training_step(self, batch: dict[str, dict[str, Tensor]], batch_idx: int) -> Tensor:
+        loss = self.shared_step(batch, "train")
+        sched = self.lr_schedulers()
+        if sched is not None:
+            self.log("train/lr", sched.get_last_lr()[0], prog_bar=True)
+        skipped = getattr(self.trainer.datamodule, "skipped_counts", None) if self._trainer else None
+        if callable(skipped):
+            for task, n in skipped().items():
+                self.log(f"data/skipped_{task}", float(n))
+        return loss
+
+    def validation_step(self, batch: dict[str, dict[str, Tensor]], batch_idx: int) -> Tensor:
+        return self.shared_step(batch, "val")
+
+    def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
+        params = [p for p in self.model.parameters() if p.grad is not None]
+        if params:
+            norm = torch.nn.utils.get_total_norm([p.grad for p in params])
+            self.log("train/grad_norm", norm)
+
+    # ------------------------------------------------------------------------------ optimiser
+    def configure_optimizers(self) -> dict[str, Any]:
+        return build_optimizer(self.model, self.optim, self.trainer.max_steps if self._trainer else -1)
+
+    # ------------------------------------------------------------------------------ checkpoints
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        # Resuming (--ckpt_path) restores every weight from the checkpoint: build first if needed.
+        self.configure_model()
+
+
+def load_vq_state(path: str) -> dict[str, Tensor]:
+    """VQ weights from LlamaGen's ``{"model": ...}`` file, a bare state dict, or one of our checkpoints
+    (keys ``vq.*``)."""
+    state = load_weights_file(path)
+    if any(k.startswith("vq.") for k in state):
+        state = {k[len("vq.") :]: v for k, v in state.items() if k.startswith("vq.")}
+    return state

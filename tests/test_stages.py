@@ -1,0 +1,153 @@
+"""Stages: what each stage trains, optimiser groups, schedules, and the stage files."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+from stages.base import OptimConfig, lr_lambda, param_groups
+from stages.summary import summarize_stage
+from wallaroo.config import get_preset
+from wallaroo.freezing import set_trainable
+from wallaroo.model import WallarooModel
+
+STAGES = Path(__file__).resolve().parents[1] / "stages"
+
+# DESIGN.md §1 / issue 3: trainable parameters of the 7B recipes.
+EXPECTED_7B_TRAINABLE = {
+    "stage1.yaml": 84_449_792,
+    "stage2.yaml": 7_700_066_304,
+    "stage3.yaml": 7_700_066_304,
+    "stage3_aspect.yaml": 7_700_066_304,
+    "stage4.yaml": 7_797_396_992,
+}
+
+
+@pytest.mark.parametrize("name", sorted(EXPECTED_7B_TRAINABLE))
+def test_7b_stage_trainable_counts(name):
+    report = summarize_stage(name)
+    assert report["trainable"] == EXPECTED_7B_TRAINABLE[name]
+    assert report["modules"]["backbone.visual"]["trainable"] == 0
+
+
+EXPECTED_SHAPES_PARTS = {
+    "shapes/pretrain.yaml": {"vit", "llm"},
+    "shapes/stage1.yaml": {"gen_adapter", "gen_head"},
+    "shapes/stage2.yaml": {"llm", "gen_adapter", "gen_head"},
+    "shapes/stage3.yaml": {"llm", "gen_adapter", "gen_head"},
+    "shapes/stage4.yaml": {"llm", "gen_adapter", "gen_head", "pixel_adapter", "edit_adapter", "edit_head"},
+}
+
+
+@pytest.mark.parametrize("name", sorted(EXPECTED_SHAPES_PARTS))
+def test_shapes_stage_trainable_sets(name):
+    report = summarize_stage(name)
+    modules = report["modules"]
+    trainable = {k for k, v in modules.items() if v["trainable"] and k not in ("model", "backbone")}
+    expected = set()
+    for part in EXPECTED_SHAPES_PARTS[name]:
+        expected.add({"vit": "backbone.visual", "llm": "backbone.llm"}.get(part, part))
+    assert trainable == expected
+    for key in expected:
+        assert modules[key]["trainable"] == modules[key]["total"]
+
+
+def test_summary_cli_json(capsys):
+    from wallaroo.summary import main
+
+    main(["--stage", "stage4.yaml", "--json"])
+    report = json.loads(capsys.readouterr().out)
+    assert report["trainable"] == 7_797_396_992
+    assert report["modules"]["model"]["total"] == 8_473_947_136
+
+
+def test_set_trainable_is_idempotent_and_evals_frozen_towers():
+    model = WallarooModel(get_preset("tiny", edit=True))
+    first = set_trainable(model, ["llm", "gen_adapter", "gen_head"])
+    second = set_trainable(model, ["llm", "gen_adapter", "gen_head"])
+    assert first == second
+    model.train()
+    assert not model.visual.training and model.language_model.training
+    assert not any(p.requires_grad for p in model.visual.parameters())
+    assert not any(p.requires_grad for p in model.edit_head.parameters())
+    with pytest.raises(ValueError, match="unknown trainable"):
+        set_trainable(model, ["decoder"])
+    plain = WallarooModel(get_preset("tiny"))
+    with pytest.raises(ValueError, match="not in this model"):
+        set_trainable(plain, ["edit_head"])
+
+
+def test_param_groups_partition_by_rule():
+    model = WallarooModel(get_preset("tiny"))
+    set_trainable(model, ["gen_adapter", "gen_head"])
+    groups = param_groups(model, weight_decay=0.1)
+    decay, no_decay = groups
+    assert all(p.ndim >= 2 for p in decay["params"]) and decay["weight_decay"] == 0.1
+    assert all(p.ndim <= 1 for p in no_decay["params"]) and no_decay["weight_decay"] == 0.0
+    n = sum(p.numel() for g in groups for p in g["params"])
+    assert n == sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
+def test_lr_schedules():
+    assert lr_lambda(0, 10, 100, "constant", 0.1) == pytest.approx(0.1)
+    assert lr_lambda(9, 10, 100, "constant", 0.1) == 1.0
+    assert lr_lambda(50, 10, 100, "constant", 0.1) == 1.0
+    assert lr_lambda(10, 10, 110, "cosine", 0.1) == pytest.approx(1.0)
+    assert lr_lambda(60, 10, 110, "cosine", 0.1) == pytest.approx(
+        0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi / 2))
+    )
+    assert lr_lambda(500, 10, 110, "cosine", 0.1) == pytest.approx(0.1)
+    with pytest.raises(ValueError):
+        OptimConfig(schedule="linear")
+
+
+def test_training_step_gradients_reach_only_trainable_parts():
+    """One stage-4 step on a tiny batch: trainable parts get gradients, frozen ones none."""
+    from stages.stage4 import Stage4
+
+    stage = Stage4(preset="tiny")
+    stage.configure_model()
+    batch = tiny_edit_batch(stage)
+    loss = stage.shared_step({"edit": batch}, "val")
+    loss.backward()
+    for name, p in stage.model.named_parameters():
+        if p.requires_grad:
+            continue
+        assert p.grad is None, name
+    assert stage.model.edit_head[2].weight.grad is not None
+    assert stage.model.pixel_adapter[0].weight.grad is not None
+
+
+def tiny_edit_batch(stage) -> dict[str, torch.Tensor]:
+    from wallaroo.images import VitImageProcessor
+    from wallaroo.sequences import BUCKET_SETS, build_edit, collate
+    from wallaroo.tokens import tokenizer_for
+
+    cfg = stage.model_config
+    tok, ids = tokenizer_for(cfg)
+    bucket = next(iter(BUCKET_SETS["shapes"].values()))
+    proc = VitImageProcessor(cfg.vit_min_pixels, cfg.vit_max_pixels)
+    src = (torch.rand(bucket.h, bucket.w, 3) * 255).to(torch.uint8).numpy()
+    pv, grid = proc([src])
+    n_vit = int(grid.prod()) // 4
+    sample = build_edit(
+        tok,
+        ids,
+        "Remove the circle.",
+        bucket,
+        None,
+        n_vit,
+        lang="en",
+        template_index=0,
+        ds=stage.vq.downsample,
+    )
+    sample.pixel_values, sample.image_grid_thw = pv, grid
+    batch = collate([sample], ids.pad)
+    images = torch.rand(1, 3, bucket.h, bucket.w) * 2 - 1
+    batch["target_images"] = images
+    batch["source_images"] = images
+    return batch
