@@ -15,17 +15,14 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from typing import Any, ClassVar
 
 import lightning as L
+import numpy as np
 import torch
 from torch import Tensor
 
-from wallaroo.checkpoints import (
-    convert_official_state_dict,
-    load_weights_file,
-)
 from wallaroo.config import WallarooConfig, get_preset
 from wallaroo.freezing import set_trainable
 from wallaroo.model import WallarooModel
@@ -135,18 +132,28 @@ class WallarooStage(L.LightningModule):
             preview: sample previews logged to TensorBoard.
         """
         super().__init__()
-        self.save_hyperparameters()
+        self.optim = optim or OptimConfig()
+        self.preview = preview or PreviewConfig()
+        # Plain values only: checkpoints must load with torch.load(weights_only=True).
+        self.save_hyperparameters(
+            {
+                "preset": preset,
+                "overrides": dict(overrides or {}),
+                "init_from": init_from,
+                "optim": asdict(self.optim),
+                "loss_weights": dict(loss_weights or {}),
+                "preview": asdict(self.preview),
+            }
+        )
         self.preset = preset
         self.overrides = dict(overrides or {})
         self.init_from = init_from
-        self.optim = optim or OptimConfig()
         weights = {t: 1.0 for t in self.TASKS}
         unknown = set(loss_weights or {}) - set(self.TASKS)
         if unknown:
             raise ValueError(f"loss_weights for tasks {sorted(unknown)} that {type(self).__name__} lacks")
         weights.update(loss_weights or {})
         self.loss_weights = weights
-        self.preview = preview or PreviewConfig()
         # Fails before any heavy work on an unknown preset or field.
         self.model_config: WallarooConfig = self.build_config()
         self.model: WallarooModel | None = None
@@ -175,27 +182,27 @@ class WallarooStage(L.LightningModule):
         self.counts = set_trainable(self.model, self.TRAINABLE)
 
     def load_initial_weights(self) -> None:
-        """``init_from`` (previous stage) and ``vq_path`` (LlamaGen or a tokenizer checkpoint), strictly:
-        only the modules this stage creates may be missing, and nothing may be unexpected."""
+        """``init_from`` (previous stage: a Lightning checkpoint, a weights directory, a consolidated
+        ``.safetensors`` file or an official checkpoint) and ``vq_path`` (LlamaGen or a tokenizer
+        checkpoint), strictly: only the modules this stage creates may be missing, nothing unexpected."""
+        from wallaroo.vq import VQ_PRESETS
+        from wallaroo.weights import load_any, load_vq_file
+
         cfg = self.model_config
         if self.init_from:
-            state = load_weights_file(self.init_from)
-            if any(k.startswith("wallaroo.") for k in state):
-                state = {f"model.{k}": v for k, v in convert_official_state_dict(state).items()}
-            model_state = {k[len("model.") :]: v for k, v in state.items() if k.startswith("model.")}
+            loaded = load_any(self.init_from, config=cfg)
             created = tuple(f"{c}." for c in self.CREATES)
-            result = self.model.load_state_dict(model_state, strict=False)
+            result = self.model.load_state_dict(loaded.model_state, strict=False)
             missing = [k for k in result.missing_keys if not k.startswith(created)]
             if missing or result.unexpected_keys:
                 raise ValueError(
                     f"init_from={self.init_from} does not fit {type(self).__name__}: missing keys "
                     f"{missing[:8]} ({len(missing)} in all), unexpected keys {result.unexpected_keys[:8]}"
                 )
-            vq_state = {k[len("vq.") :]: v for k, v in state.items() if k.startswith("vq.")}
-            if vq_state and not cfg.vq_path:
-                self.vq.load_state_dict(vq_state, strict=True)
+            if loaded.vq_state and not cfg.vq_path:
+                self.vq.load_state_dict(loaded.vq_state, strict=True)
         if cfg.vq_path:
-            self.vq.load_state_dict(load_vq_state(cfg.vq_path), strict=True)
+            self.vq.load_state_dict(load_vq_file(cfg.vq_path, VQ_PRESETS[cfg.vq]), strict=True)
 
     def on_fit_start(self) -> None:
         self.log_counts()
@@ -279,6 +286,53 @@ class WallarooStage(L.LightningModule):
                 self.log(f"data/skipped_{task}", float(n))
         return loss
 
+    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
+        n = self.preview.every_n_steps
+        if n > 0 and self.global_step % n == 0 and self.trainer.is_global_zero:
+            self.log_previews()
+
+    @torch.no_grad()
+    def log_previews(self) -> None:
+        """Generated images for fixed EN and ZH prompts, an edit and answers to fixed questions, logged to
+        TensorBoard as images and text. The source image is a fixed ShapesWorld scene."""
+        from datamodules.shapes_world import ShapeObject, make_scene, render
+        from wallaroo.pipeline import WallarooPipeline
+        from wallaroo.sampling import SamplingConfig
+
+        writer = getattr(self.logger, "experiment", None)
+        if writer is None or not hasattr(writer, "add_image"):
+            return
+        p = self.preview
+        pipe = WallarooPipeline(self.model, self.vq)
+        size = pipe.bucket(p.size) if p.size else next(iter(pipe.buckets.values()))
+        sampling = SamplingConfig(cfg_scale=p.cfg_scale, top_k=p.top_k or None, seed=p.seed)
+        step = self.global_step
+        scene = make_scene([ShapeObject("red", "circle", (0, 0)), ShapeObject("blue", "square", (1, 1))])
+        source = render(scene, size.w, size.h)
+        was_training = self.model.training
+        try:
+            if "t2i" in self.TASKS:
+                for i, (prompt, image) in enumerate(
+                    zip(p.t2i_prompts, pipe.text_to_image(p.t2i_prompts, size, sampling), strict=True)
+                ):
+                    writer.add_image(f"preview/t2i_{i}", image, step, dataformats="HWC")
+                    writer.add_text(f"preview/t2i_{i}_prompt", prompt, step)
+            if "edit" in self.TASKS:
+                edited = pipe.edit([source] * len(p.edit_instructions), p.edit_instructions, sampling)
+                for i, (instruction, image) in enumerate(zip(p.edit_instructions, edited, strict=True)):
+                    pair = np.concatenate([source, image], axis=1)
+                    writer.add_image(f"preview/edit_{i}", pair, step, dataformats="HWC")
+                    writer.add_text(f"preview/edit_{i}_instruction", instruction, step)
+            if "und" in self.TASKS:
+                answers = pipe.understand(
+                    [source] * len(p.questions), p.questions, max_new_tokens=p.max_new_tokens
+                )
+                writer.add_image("preview/und_image", source, step, dataformats="HWC")
+                lines = [f"**{q}** → {a}" for q, a in zip(p.questions, answers, strict=True)]
+                writer.add_text("preview/und_answers", "  \n".join(lines), step)
+        finally:
+            self.model.train(was_training)
+
     def validation_step(self, batch: dict[str, dict[str, Tensor]], batch_idx: int) -> Tensor:
         return self.shared_step(batch, "val")
 
@@ -296,12 +350,3 @@ class WallarooStage(L.LightningModule):
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         # Resuming (--ckpt_path) restores every weight from the checkpoint: build first if needed.
         self.configure_model()
-
-
-def load_vq_state(path: str) -> dict[str, Tensor]:
-    """VQ weights from LlamaGen's ``{"model": ...}`` file, a bare state dict, or one of our checkpoints
-    (keys ``vq.*``)."""
-    state = load_weights_file(path)
-    if any(k.startswith("vq.") for k in state):
-        state = {k[len("vq.") :]: v for k, v in state.items() if k.startswith("vq.")}
-    return state

@@ -3,6 +3,7 @@ commitment losses). At 7B this step is LlamaGen's own ``vq_ds16_t2i.pt``."""
 
 from __future__ import annotations
 
+from dataclasses import asdict
 from typing import Any
 
 import lightning as L
@@ -22,8 +23,11 @@ class TokenizerStage(L.LightningModule):
         optim: OptimConfig | None = None,
     ) -> None:
         super().__init__()
-        self.save_hyperparameters()
         self.optim = optim or OptimConfig(lr=2e-3)
+        # Plain values only: checkpoints must load with torch.load(weights_only=True).
+        self.save_hyperparameters(
+            {"vq": vq, "vq_overrides": dict(vq_overrides or {}), "optim": asdict(self.optim)}
+        )
         self.vq: VQModel = build_vq(vq, **(vq_overrides or {}))
 
     def training_step(self, batch: dict[str, dict[str, Tensor]], batch_idx: int) -> Tensor:

@@ -123,7 +123,9 @@ class WallarooConfig:
     ``pretrained`` is a local Qwen2.5-VL directory whose weights initialise the backbone (``None``:
     random init from ``backbone``). ``vq`` names a VQ preset (``wallaroo.vq.VQ_PRESETS``) and
     ``vq_path`` optionally a LlamaGen ``vq_ds16_t2i.pt`` to load. ``special_base`` is the id of
-    ``<|endoftext|>``; all special ids follow from it (``SPECIAL_OFFSETS``).
+    ``<|endoftext|>``; all special ids follow from it (``SPECIAL_OFFSETS``). ``buckets`` names the
+    model's output sizes (``wallaroo.sequences.BUCKET_SETS``) and ``t2i_layout`` the text-to-image layout it
+    was trained on: ``"square"`` (stages 1-2, no EOL or size indicators) or ``"aspect"``.
     """
 
     name: str
@@ -136,6 +138,7 @@ class WallarooConfig:
     tokenizer: str | None = "tiny"
     indicator_sizes: list[int] = field(default_factory=list)
     buckets: str = "aspect512"
+    t2i_layout: str = "aspect"
     pretrained: str | None = None
     vq_path: str | None = None
     vit_min_pixels: int = 3136
