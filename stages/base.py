@@ -93,6 +93,12 @@ def param_groups(module: torch.nn.Module, weight_decay: float) -> list[dict[str,
     return [g for g in groups if g["params"]]
 
 
+def clean_overrides(overrides: dict[str, Any] | None) -> dict[str, Any]:
+    """A dotted CLI override of a ``dict[str, Any]`` value (``--model.init_args.overrides.vq_path null``)
+    arrives as the string ``"None"``; it means null."""
+    return {k: None if v in ("None", "null") else v for k, v in (overrides or {}).items()}
+
+
 def build_optimizer(module: torch.nn.Module, o: OptimConfig, max_steps: int) -> dict[str, Any]:
     """AdamW over ``param_groups`` and a per-step LambdaLR; the cosine horizon defaults to ``max_steps``."""
     opt = torch.optim.AdamW(param_groups(module, o.weight_decay), lr=o.lr, betas=tuple(o.betas), eps=o.eps)
@@ -138,7 +144,7 @@ class WallarooStage(L.LightningModule):
         self.save_hyperparameters(
             {
                 "preset": preset,
-                "overrides": dict(overrides or {}),
+                "overrides": clean_overrides(overrides),
                 "init_from": init_from,
                 "optim": asdict(self.optim),
                 "loss_weights": dict(loss_weights or {}),
@@ -146,7 +152,7 @@ class WallarooStage(L.LightningModule):
             }
         )
         self.preset = preset
-        self.overrides = dict(overrides or {})
+        self.overrides = clean_overrides(overrides)
         self.init_from = init_from
         weights = {t: 1.0 for t in self.TASKS}
         unknown = set(loss_weights or {}) - set(self.TASKS)
