@@ -26,6 +26,7 @@ from torch import Tensor
 from wallaroo.config import WallarooConfig, get_preset
 from wallaroo.freezing import set_trainable
 from wallaroo.model import WallarooModel
+from wallaroo.parallel import ParallelConfig
 from wallaroo.vq import VQModel, build_vq
 
 
@@ -125,6 +126,7 @@ class WallarooStage(L.LightningModule):
         optim: OptimConfig | None = None,
         loss_weights: dict[str, float] | None = None,
         preview: PreviewConfig | None = None,
+        parallel: ParallelConfig | None = None,
     ) -> None:
         """
         Args:
@@ -136,10 +138,13 @@ class WallarooStage(L.LightningModule):
             optim: optimiser and schedule.
             loss_weights: per-task loss weights (default 1 for every task of the stage).
             preview: sample previews logged to TensorBoard.
+            parallel: distribution (``fsdp2`` with ``ModelParallelStrategy``, ``fsdp``, ``ddp``) and
+                activation checkpointing; see ``wallaroo.parallel``.
         """
         super().__init__()
         self.optim = optim or OptimConfig()
         self.preview = preview or PreviewConfig()
+        self.parallel = parallel or ParallelConfig()
         # Plain values only: checkpoints must load with torch.load(weights_only=True).
         self.save_hyperparameters(
             {
@@ -149,6 +154,7 @@ class WallarooStage(L.LightningModule):
                 "optim": asdict(self.optim),
                 "loss_weights": dict(loss_weights or {}),
                 "preview": asdict(self.preview),
+                "parallel": asdict(self.parallel),
             }
         )
         self.preset = preset
@@ -179,6 +185,12 @@ class WallarooStage(L.LightningModule):
         meta device and the strategy materialises the weights."""
         if self.model is not None:
             return
+        if self.device_mesh is not None:
+            # ModelParallelStrategy: FSDP2 builds (rank 0 loads the weights), freezes, shards, broadcasts.
+            from wallaroo.parallel import parallelize_stage
+
+            parallelize_stage(self)
+            return
         self.model = WallarooModel(self.model_config)
         self.vq = build_vq(self.model_config.vq)
         self.vq.requires_grad_(False)
@@ -186,6 +198,9 @@ class WallarooStage(L.LightningModule):
         if not next(self.model.parameters()).is_meta:
             self.load_initial_weights()
         self.counts = set_trainable(self.model, self.TRAINABLE)
+        from wallaroo.parallel import configure_unsharded
+
+        configure_unsharded(self)  # strategy check + activation checkpointing (DDP / FSDP1 / one device)
 
     def load_initial_weights(self) -> None:
         """``init_from`` (previous stage: a Lightning checkpoint, a weights directory, a consolidated
@@ -294,8 +309,12 @@ class WallarooStage(L.LightningModule):
 
     def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
         n = self.preview.every_n_steps
-        if n > 0 and self.global_step % n == 0 and self.trainer.is_global_zero:
-            self.log_previews()
+        if n > 0 and self.global_step % n == 0:
+            from wallaroo.parallel import gathered
+
+            with gathered(self.model):  # every rank enters (sharded weights are gathered), rank 0 samples
+                if self.trainer.is_global_zero:
+                    self.log_previews()
 
     @torch.no_grad()
     def log_previews(self) -> None:

@@ -112,8 +112,23 @@ def test_every_shapes_step_runs_and_chains(recipe_env):
         configs = list(run.rglob("config.yaml"))
         assert configs, "the resolved config is saved in the run dir"
     # The stage-4 checkpoint holds the editing modules and loads with weights_only=True.
-    state = torch.load(root / "stage4" / "last.ckpt", map_location="cpu", weights_only=True)["state_dict"]
+    ckpt = root / "stage4" / "last.ckpt"
+    state = torch.load(ckpt, map_location="cpu", weights_only=True)["state_dict"]
     assert any(k.startswith("model.edit_head.") for k in state)
+    # The three generate sub-commands work on a checkpoint written by the recipes.
+    from PIL import Image
+
+    from wallaroo.generate import main as generate
+
+    generate(["t2i", "--ckpt", str(ckpt), "--prompt", "a red circle at the top left", "--size", "64x96",
+              "--out", str(root / "gen_t2i")])  # fmt: skip
+    assert Image.open(next((root / "gen_t2i").glob("*.png"))).size == (64, 96)
+    source = next((root / "gen_t2i").glob("*.png"))
+    generate(["edit", "--ckpt", str(ckpt), "--image", str(source), "--instruction", "Remove the circle.",
+              "--out", str(root / "gen_edit")])  # fmt: skip
+    assert Image.open(next((root / "gen_edit").glob("*.png"))).size == (64, 96)
+    generate(["understand", "--ckpt", str(ckpt), "--image", str(source), "--question", "图中有几个图形？",
+              "--max-new-tokens", "3"])  # fmt: skip
 
 
 @pytest.mark.slow

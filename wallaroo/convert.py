@@ -18,6 +18,12 @@ tokenizer. Its ids are checked against the checkpoint's layout before anything i
 safetensors, weights directory, official checkpoint with ``--qwen``) into a weights directory, so that
 VLMEvalKit and serving stacks can load ``DIR/understanding`` as a plain Qwen2.5-VL model.
 
+``consolidate`` turns a sharded (distributed) checkpoint directory, as FSDP2 / FSDP1 runs save ``last.ckpt/``,
+into one ``.safetensors`` file of ``model.*`` / ``vq.*`` keys (``init_from``, ``wallaroo.generate`` and
+``export`` read it); no process group or GPU is needed:
+
+    python -m wallaroo.convert consolidate --ckpt runs/stage2/last.ckpt --out runs/stage2/last.safetensors
+
 Subcommands are entries of ``SUBCOMMANDS`` (name -> (add_arguments, run)); adding one is adding an entry.
 """
 
@@ -113,6 +119,20 @@ def _write(args: argparse.Namespace, *, official: bool) -> Path:
     return out
 
 
+def _add_consolidate(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--ckpt", required=True, help="sharded checkpoint directory (holds .metadata)")
+    p.add_argument("--out", required=True, help="the .safetensors file to write")
+    p.add_argument("--dtype", choices=sorted(DTYPES), default="keep", help="cast the weights on the way out")
+
+
+def run_consolidate(args: argparse.Namespace) -> Path:
+    from wallaroo.parallel import consolidate_checkpoint
+
+    out = consolidate_checkpoint(args.ckpt, args.out, dtype=DTYPES[args.dtype])
+    print(f"wrote {out}")
+    return out
+
+
 def run_official(args: argparse.Namespace) -> Path:
     return _write(args, official=True)
 
@@ -126,6 +146,7 @@ SUBCOMMANDS: dict[
 ] = {
     "official": ("released Wallaroo checkpoint -> weights directory", _add_official, run_official),
     "export": ("any loadable weights -> weights directory", _add_export, run_export),
+    "consolidate": ("sharded checkpoint directory -> one .safetensors file", _add_consolidate, run_consolidate),
 }
 
 
@@ -142,7 +163,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> Path:
-    """Parse ``argv`` and run the subcommand; returns the directory written."""
+    """Parse ``argv`` and run the subcommand; returns the directory (or file) written."""
     args = build_parser().parse_args(argv)
     return SUBCOMMANDS[args.command][2](args)
 

@@ -467,9 +467,13 @@ def load_any(
         if (p / META_FILE).is_file():
             loaded = _load_weights_dir(p)
         elif (p / ".metadata").is_file():
-            raise ValueError(
-                f"{p} is a sharded (distributed) checkpoint directory; consolidate it into one file first"
-            )
+            # A sharded FSDP checkpoint (ModelParallelStrategy's last.ckpt/): read it whole, no process group.
+            from wallaroo.parallel import read_sharded_checkpoint
+
+            state, extra = read_sharded_checkpoint(p)
+            model_state, vq_state, _ = split_state(state, str(p))
+            hp = extra.get("hyper_parameters")
+            loaded = LoadedWeights(_config_from_hparams(hp), model_state, vq_state, SOURCE_LIGHTNING, path=str(p))
         else:
             raise ValueError(f"{p} is a directory without {META_FILE}: not a Wallaroo weights directory")
     elif not p.is_file():
@@ -501,6 +505,10 @@ def _load_file(p: Path) -> LoadedWeights:
             state = load_file(path)
         except Exception as exn:  # noqa: BLE001 - re-raised with the file name
             raise ValueError(f"{path} is not a readable safetensors file: {exn}") from None
+        # `wallaroo.convert consolidate` stores the stage's hyper-parameters in the file's metadata.
+        from wallaroo.parallel import consolidated_hyper_parameters
+
+        hp = consolidated_hyper_parameters(path)
     else:
         obj = torch_load_safe(path)
         if isinstance(obj, Mapping) and isinstance(obj.get("state_dict"), Mapping):
@@ -518,7 +526,7 @@ def _load_file(p: Path) -> LoadedWeights:
         source = SOURCE_SAFETENSORS
     else:
         source = SOURCE_LIGHTNING
-    cfg = _config_from_hparams(hp) if source == SOURCE_LIGHTNING else None
+    cfg = _config_from_hparams(hp) if source != SOURCE_OFFICIAL else None
     stage = None
     if isinstance(hp, Mapping) and isinstance(hp.get("_class_path"), str):
         stage = hp["_class_path"]
