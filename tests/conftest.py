@@ -9,7 +9,9 @@ import pytest
 import torch
 
 REPO = Path(__file__).resolve().parents[1]
-REFERENCE = Path(os.environ.get("WALLAROO_REFERENCE", REPO.parent / "shared" / "reference"))
+# The reference data lives in shared/, next to the checkout (CI) or inside it; WALLAROO_REFERENCE overrides.
+_SHARED = next((p for p in (REPO.parent / "shared", REPO / "shared") if (p / "reference").is_dir()), REPO / "shared")
+REFERENCE = Path(os.environ.get("WALLAROO_REFERENCE", _SHARED / "reference"))
 OFFICIAL_TINY = REFERENCE / "official_tiny"
 
 torch.set_num_threads(min(2, torch.get_num_threads()))

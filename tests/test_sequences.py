@@ -9,13 +9,13 @@ Qwen2.5 tokenizer.
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 from PIL import Image
 
+from tests.conftest import OFFICIAL_TINY
 from wallaroo.images import VitImageProcessor
 from wallaroo.sequences import (
     ASPECT_RATIO_512,
@@ -49,20 +49,6 @@ from wallaroo.tokens import (
     TokenIds,
     build_tiny_tokenizer,
     load_qwen_tokenizer,
-)
-
-_ROOT = Path(__file__).resolve().parents[1]
-OFFICIAL_TINY = (
-    next(
-        (
-            p
-            for p in (_ROOT / "shared", _ROOT.parent / "shared")
-            if (p / "reference" / "official_tiny").is_dir()
-        ),
-        _ROOT / "shared",
-    )
-    / "reference"
-    / "official_tiny"
 )
 
 GS, GE, GIP, EOL = "<|generate_start|>", "<|generate_end|>", "<|generate_image_pad|>", "<|end_of_line>|"

@@ -6,10 +6,10 @@ from __future__ import annotations
 
 import json
 import time
-from pathlib import Path
 
 import pytest
 
+from tests.conftest import OFFICIAL_TINY
 from wallaroo.tokens import (
     INDICATOR_SIZES_512,
     INDICATOR_SIZES_SHAPES,
@@ -25,21 +25,6 @@ from wallaroo.tokens import (
     special_token_strings,
     tokenizer_for,
     wallaroo_token_strings,
-)
-
-_ROOT = Path(__file__).resolve().parents[1]
-# The reference data lives in shared/, inside the checkout or next to it.
-OFFICIAL_TINY = (
-    next(
-        (
-            p
-            for p in (_ROOT / "shared", _ROOT.parent / "shared")
-            if (p / "reference" / "official_tiny").is_dir()
-        ),
-        _ROOT / "shared",
-    )
-    / "reference"
-    / "official_tiny"
 )
 
 SYSTEM_BLOCK = "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n"
