@@ -1,0 +1,192 @@
+"""``python -m wallaroo.demo``: the whole ShapesWorld pipeline on a laptop CPU.
+
+    python -m wallaroo.demo [--out runs/shapes] [--quick]
+
+Writes ShapesWorld shards, trains the small VQ tokenizer, pre-trains the small Qwen2.5-VL on
+understanding, runs stages 1-4 through ``wallaroo.fit`` (the same CLI and recipes as at 7B, from
+``stages/shapes/``), and evaluates with ShapesEval after each step. It ends with a table of scores per
+stage, ``results.png`` (the same as a chart), a sample grid per stage and the TensorBoard command.
+
+Layout under ``--out``: ``data/`` (shards), ``<step>/last.ckpt``, ``<step>/tb/`` (TensorBoard),
+``<step>/eval/metrics.json`` (keys ``t2i_accuracy``, ``und_accuracy``, ``edit_accuracy``,
+``tokenizer_ceiling`` where the step has the task) and ``<step>/eval/grid.png``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from PIL import Image, ImageDraw, ImageFont
+
+
+@dataclass(frozen=True)
+class Step:
+    name: str
+    recipe: str
+    steps: int
+    quick_steps: int
+    tasks: tuple[str, ...]
+    teaches: str
+
+
+STEPS: tuple[Step, ...] = (
+    Step("vq", "shapes/vq.yaml", 600, 60, (), "the image tokenizer"),
+    Step("pretrain", "shapes/pretrain.yaml", 600, 60, ("und",), "understanding (the small VLM)"),
+    Step("stage1", "shapes/stage1.yaml", 300, 30, ("t2i",), "first images (64x64)"),
+    Step("stage2", "shapes/stage2.yaml", 300, 30, ("t2i", "und"), "understanding with generation"),
+    Step("stage3", "shapes/stage3.yaml", 300, 30, ("t2i", "und"), "all three sizes"),
+    Step("stage4", "shapes/stage4.yaml", 300, 30, ("t2i", "und", "edit"), "editing"),
+)
+KEYS = ("tokenizer_ceiling", "t2i_accuracy", "und_accuracy", "edit_accuracy")
+
+
+def run(cmd: list[str], env: dict[str, str], log: Path) -> None:
+    """Run a command, echoing its output and keeping a log; a failure stops the demo with the log path."""
+    log.parent.mkdir(parents=True, exist_ok=True)
+    with open(log, "w", encoding="utf-8") as f:
+        proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            f.write(line)
+            if not line.startswith(("  warnings.warn", "/")):  # keep library warnings in the log only
+                sys.stdout.write(line)
+                sys.stdout.flush()
+        code = proc.wait()
+    if code != 0:
+        raise SystemExit(f"command failed ({code}): {' '.join(cmd)}\nlog: {log}")
+
+
+def evaluate_step(step: Step, out: Path, samples: int, seed: int) -> dict[str, Any]:
+    """ShapesEval of one step's checkpoint (in-process: the model is small)."""
+    from wallaroo.evaluate import evaluate_shapes
+    from wallaroo.generate import load_pipeline
+
+    ckpt = out / step.name / "last.ckpt"
+    eval_dir = out / step.name / "eval"
+    if step.name == "vq":
+        return evaluate_tokenizer(ckpt, eval_dir, samples, seed)
+    pipe = load_pipeline(str(ckpt))
+    return evaluate_shapes(pipe, eval_dir, samples, seed, tasks=list(step.tasks), log=print)
+
+
+def evaluate_tokenizer(ckpt: Path, eval_dir: Path, samples: int, seed: int) -> dict[str, Any]:
+    import torch
+
+    from metrics.shapes_eval import tokenizer_ceiling
+    from wallaroo.vq import VQ_PRESETS, build_vq
+    from wallaroo.weights import load_vq_file
+
+    vq = build_vq("shapes-ds8")
+    vq.load_state_dict(load_vq_file(ckpt, VQ_PRESETS["shapes-ds8"]))
+    vq.eval()
+
+    def roundtrip(x: torch.Tensor) -> torch.Tensor:
+        codes, _ = vq.encode(x)
+        return vq.decode_codes(codes)
+
+    with torch.no_grad():
+        ceiling = tokenizer_ceiling(roundtrip, samples, seed)
+    eval_dir.mkdir(parents=True, exist_ok=True)
+    report = {"tokenizer_ceiling": ceiling, "seed": seed, "samples_per_task": samples}
+    (eval_dir / "metrics.json").write_text(json.dumps(report, indent=2))
+    print(f"  tokenizer ceiling {ceiling:.3f}")
+    return report
+
+
+def results_table(results: dict[str, dict[str, Any]]) -> str:
+    head = f"{'step':<10}{'teaches':<34}" + "".join(f"{k.replace('_accuracy', ''):>18}" for k in KEYS)
+    rows = [head, "-" * len(head)]
+    teaches = {s.name: s.teaches for s in STEPS}
+    for name, report in results.items():
+        cells = "".join(f"{report[k]:>18.3f}" if k in report else f"{'-':>18}" for k in KEYS)
+        rows.append(f"{name:<10}{teaches.get(name, ''):<34}{cells}")
+    return "\n".join(rows)
+
+
+def results_chart(results: dict[str, dict[str, Any]], path: Path) -> None:
+    """Grouped bars: one group per step, one bar per score (PIL only, no plotting library needed)."""
+    colours = {"tokenizer_ceiling": (120, 120, 120), "t2i_accuracy": (40, 80, 220),
+               "und_accuracy": (40, 160, 60), "edit_accuracy": (240, 130, 30)}  # fmt: skip
+    names = list(results)
+    w, h, margin, bar = 120 * max(1, len(names)) + 80, 360, 50, 22
+    img = Image.new("RGB", (w, h + 110), "white")
+    draw = ImageDraw.Draw(img)
+    font = ImageFont.load_default(13)
+    draw.line([(margin, 20), (margin, h)], fill="black")
+    draw.line([(margin, h), (w - 10, h)], fill="black")
+    for tick in range(0, 11, 2):
+        y = h - (h - 20) * tick / 10
+        draw.line([(margin - 4, y), (margin, y)], fill="black")
+        draw.text((6, y - 7), f"{tick / 10:.1f}", fill="black", font=font)
+    for i, name in enumerate(names):
+        x0 = margin + 15 + i * 120
+        for j, key in enumerate(KEYS):
+            if key in results[name]:
+                v = max(0.0, min(1.0, float(results[name][key])))
+                x = x0 + j * bar
+                draw.rectangle([x, h - (h - 20) * v, x + bar - 4, h], fill=colours[key])
+        draw.text((x0, h + 6), name, fill="black", font=font)
+    for j, key in enumerate(KEYS):
+        y = h + 40 + 16 * j
+        draw.rectangle([margin, y, margin + 12, y + 12], fill=colours[key])
+        draw.text((margin + 18, y - 1), key, fill="black", font=font)
+    img.save(path)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m wallaroo.demo", description=__doc__.split("\n")[0])
+    parser.add_argument("--out", default="runs/shapes", help="run directory (default runs/shapes)")
+    parser.add_argument("--quick", action="store_true", help="a short first look (about two minutes)")
+    parser.add_argument("--samples", type=int, default=None, help="training samples per task in the shards")
+    parser.add_argument("--eval-samples", type=int, default=None, help="ShapesEval prompts per task")
+    parser.add_argument("--seed", type=int, default=0, help="training data seed")
+    parser.add_argument("--eval-seed", type=int, default=1234)
+    parser.add_argument("--steps", default=",".join(s.name for s in STEPS), help="subset of steps to run")
+    args = parser.parse_args(argv)
+
+    out = Path(args.out).resolve()
+    samples = args.samples or (2000 if args.quick else 20000)
+    eval_samples = args.eval_samples or (24 if args.quick else 240)
+    wanted = args.steps.split(",")
+    env = dict(os.environ, WALLAROO_SHAPES=str(out), PYTHONUNBUFFERED="1")
+    t0 = time.perf_counter()
+
+    manifest = out / "data" / "manifest.json"
+    if not manifest.exists() or json.loads(manifest.read_text()).get("counts", {}).get("t2i") != samples:
+        print(f"== writing ShapesWorld shards ({samples} per task) to {out / 'data'}")
+        from datamodules.shapes import write_shapes_shards
+
+        write_shapes_shards(str(out / "data"), samples, args.seed)
+
+    results: dict[str, dict[str, Any]] = {}
+    for step in STEPS:
+        if step.name not in wanted:
+            continue
+        n = step.quick_steps if args.quick else step.steps
+        print(f"\n== {step.name}: {step.teaches} ({n} steps, {time.perf_counter() - t0:.0f}s so far)")
+        cmd = [sys.executable, "-m", "wallaroo.fit", "--stage", step.recipe, "--trainer.max_steps", str(n)]
+        if args.quick:
+            cmd += ["--model.init_args.preview.every_n_steps", "0"] if step.name != "vq" else []
+        run(cmd, env, out / step.name / "fit.log")
+        print(f"== evaluating {step.name}")
+        results[step.name] = evaluate_step(step, out, eval_samples, args.eval_seed)
+
+    print("\n" + results_table(results))
+    results_chart(results, out / "results.png")
+    (out / "results.json").write_text(json.dumps(results, indent=2, ensure_ascii=False))
+    print(f"\nfinished in {time.perf_counter() - t0:.0f}s")
+    print(f"scores: {out / 'results.json'}; chart: {out / 'results.png'}; grids: {out}/<step>/eval/grid.png")
+    print(f"TensorBoard logs: {out}/<step>/tb — open them with: tensorboard --logdir {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
