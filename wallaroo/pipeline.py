@@ -86,6 +86,7 @@ class WallarooPipeline:
         self.options = options or PipelineConfig()
         self.vit = VitImageProcessor(self.cfg.vit_min_pixels, self.cfg.vit_max_pixels)
         self.buckets = BUCKET_SETS[self.cfg.buckets]
+        self._black_sources: dict[tuple[int, int], tuple[Bucket, Tensor, Tensor, Tensor]] = {}
 
     @property
     def device(self) -> torch.device:
@@ -155,11 +156,15 @@ class WallarooPipeline:
 
     # ----------------------------------------------------------------------------- editing
     def _source(self, image: ImageLike, black: bool) -> tuple[Bucket, Tensor, Tensor, Tensor]:
-        """Bucket, VQ latents ``[R*C, D]``, ViT ``pixel_values`` and grid of one source image."""
+        """Bucket, VQ latents ``[R*C, D]``, ViT ``pixel_values`` and grid of one source image (or of an
+        all-black image of its size, the unconditional branch's source; cached per size)."""
         pil = to_pil(image)
-        bucket = closest_bucket(pil.width, pil.height, self.buckets)
         if black:
-            pil = Image.new("RGB", pil.size)
+            key = pil.size
+            if key not in self._black_sources:
+                self._black_sources[key] = self._source(Image.new("RGB", pil.size), black=False)
+            return self._black_sources[key]
+        bucket = closest_bucket(pil.width, pil.height, self.buckets)
         cropped = to_tensor_pm1(resize_to_bucket(pil, bucket))[None].to(self.device)
         _, latents = self.vq.encode(cropped.to(next(self.vq.parameters()).dtype))
         pixel_values, grid = self.vit([pil])
