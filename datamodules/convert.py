@@ -447,6 +447,14 @@ def run(
 # ----------------------------------------------------------------------------------------------------
 
 
+def object_records(path: str | Path) -> Iterator[tuple[int, dict[str, Any] | Skip]]:
+    """``read_records`` with every record that is not a JSON object turned into a ``Skip``."""
+    for index, rec in read_records(path):
+        if not isinstance(rec, dict | Skip):
+            rec = Skip(f"{index:09d}", BAD_RECORD, f"record {index} is not an object")
+        yield index, rec
+
+
 def read_records(path: str | Path) -> Iterator[tuple[int, Any]]:
     """``(index, record)`` of a JSON list, a JSON object of records (its keys become ``"id"`` when the
     record has none) or JSON Lines. A JSON Lines line that does not parse yields ``(index, Skip)``; a
@@ -497,12 +505,9 @@ def _strip_ext(rel: str) -> str:
 def t2i_items(images: str | Path, captions: str | Path) -> Iterator[Job | Skip]:
     """Jobs of the ``t2i`` converter (see the module docstring)."""
     images, keys = Path(images), KeyMaker()
-    for index, rec in read_records(captions):
+    for index, rec in object_records(captions):
         if isinstance(rec, Skip):
             yield rec
-            continue
-        if not isinstance(rec, dict):
-            yield Skip(f"{index:09d}", BAD_RECORD, f"record {index} is not an object")
             continue
         rel = _first(rec, ("image", "file_name", "path"))
         key = keys(_strip_ext(rel) if isinstance(rel, str) else "", index)
@@ -618,12 +623,9 @@ def convert_conversation(turns: Any, n_images: int) -> list[dict[str, str]]:
 def und_items(json_path: str | Path, images: str | Path) -> Iterator[Job | Skip]:
     """Jobs of the ``und`` converter (LLaVA format)."""
     images, keys = Path(images), KeyMaker()
-    for index, rec in read_records(json_path):
+    for index, rec in object_records(json_path):
         if isinstance(rec, Skip):
             yield rec
-            continue
-        if not isinstance(rec, dict):
-            yield Skip(f"{index:09d}", BAD_RECORD, f"record {index} is not an object")
             continue
         rid = rec.get("id")
         key = keys(str(rid) if rid is not None else "", index)
@@ -665,12 +667,9 @@ def edit_items(
     src_names = (src_key,) if src_key else EDIT_SRC_KEYS
     tgt_names = (tgt_key,) if tgt_key else EDIT_TGT_KEYS
     text_names = (instruction_key,) if instruction_key else EDIT_TEXT_KEYS
-    for index, rec in read_records(json_path):
+    for index, rec in object_records(json_path):
         if isinstance(rec, Skip):
             yield rec
-            continue
-        if not isinstance(rec, dict):
-            yield Skip(f"{index:09d}", BAD_RECORD, f"record {index} is not an object")
             continue
         src, tgt = _first(rec, src_names), _first(rec, tgt_names)
         rid = _first(rec, ("id", "key", "name"))
