@@ -323,3 +323,28 @@ def test_usage_ring_buffer_keeps_most_recent_codes() -> None:
     assert model.usage() == 8 / 64  # window of 8
     quantize.record(torch.arange(CODEBOOK_USED_LEN + 5) % 64)  # longer than the buffer: keeps the tail
     assert quantize.codebook_used[-1].item() == (CODEBOOK_USED_LEN + 4) % 64
+
+
+def test_tokenizer_stage_foreground_weighting() -> None:
+    from stages.tokenizer import TokenizerStage
+
+    generator = torch.Generator().manual_seed(1)
+    images = _flat_squares(3, 32, generator)
+    fg = (images < 0.95).any(dim=1, keepdim=True)
+    recon = images + 0.1 * torch.randn(images.shape, generator=generator)
+    for kind in ("l1", "l2", "l1+l2"):
+        plain = TokenizerStage("tiny-ds8", {"recon_loss": kind})
+        out_plain = plain.weighted_recon(recon, images)
+        # Weight 0 is the VQ's own (unweighted) pixel loss.
+        assert torch.allclose(out_plain, plain.vq._recon_loss(recon, images), atol=1e-6)
+    # With a weight, only the foreground pixels' error counts more: an error on the background alone
+    # costs less than the same error on the foreground alone.
+    stage = TokenizerStage("tiny-ds8", {"recon_loss": "l1"}, foreground_weight=10.0)
+    on_fg = images + 0.5 * fg
+    on_bg = images + 0.5 * (~fg)
+    per_pixel_fg = stage.weighted_recon(on_fg, images) / fg.float().mean()
+    per_pixel_bg = stage.weighted_recon(on_bg, images) / (~fg).float().mean()
+    assert per_pixel_fg > 5 * per_pixel_bg
+    assert stage.hparams["foreground_weight"] == 10.0
+    with pytest.raises(ValueError, match="foreground_weight"):
+        TokenizerStage("tiny-ds8", foreground_weight=-1.0)
