@@ -256,7 +256,7 @@ PRESETS: dict[str, WallarooConfig] = {
             vision_fullatt_block_indexes=[0, 1],
         ),
         vq="shapes-ds8",
-        codebook_size=256,
+        codebook_size=1024,
         tokenizer="tiny",
         special_base=960,
         indicator_sizes=INDICATOR_SIZES_SHAPES,

@@ -118,20 +118,23 @@ class VQConfig:
 VQ_PRESETS: dict[str, VQConfig] = {
     # LlamaGen vq_ds16_t2i.pt, exactly: 16x downsampling, 16384 x 8 codebook.
     "llamagen-ds16": VQConfig(),
-    # ShapesWorld (64x64, 96x64, 64x96 canvases -> 8x8, 8x12, 12x8 codes). Width doubles as resolution
-    # halves, so every level costs the same (~123M MACs per 64x64 image in all). ch=16 with (1, 2, 4, 4)
-    # costs 2.6x more and, in a 300-step trial on rendered scenes, reconstructed them no better.
-    # Dead-code restarts keep the small codebook alive while training from scratch (without them usage
-    # collapses to one code within 50 steps). 256 codes: flat-colour scenes need few, and in 100-step
-    # trials 256 codes reconstructed better than 1024 (MSE 0.041 vs 0.058); a smaller gen head, too.
+    # ShapesWorld (64x64, 96x64, 64x96 canvases -> 8x8, 8x12, 12x8 codes): a shallow network (no
+    # residual blocks in the levels, 16 channels throughout; 84k parameters) learns these flat-colour
+    # scenes faster per second than the deeper (1, 2, 4, 8) x 8 one (808k): on 2 cores it runs 0.12 s
+    # a step at batch 16 instead of 0.25, for the same progress per step. L1 keeps edges sharper than L2
+    # (shape is read from edges). Trials with the recipe of stages/shapes/vq.yaml (foreground-weighted,
+    # 1200 steps): 1024 codes reach a tokenizer ceiling of 0.35, 256 codes stay near 0 (every object
+    # decodes in one grey-brown: too few codes for colour x outline). Dead-code restarts keep the
+    # codebook alive while training from scratch (without them usage collapses within 50 steps).
     "shapes-ds8": VQConfig(
-        ch=8,
-        ch_mult=(1, 2, 4, 8),
+        ch=16,
+        ch_mult=(1, 1, 1, 1),
         z_channels=64,
-        num_res_blocks=1,
-        codebook_size=256,
+        num_res_blocks=0,
+        codebook_size=1024,
         codebook_dim=8,
         norm_groups=4,
+        recon_loss="l1",
         restart_dead_codes=True,
         usage_window=8192,
     ),
