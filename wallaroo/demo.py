@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import subprocess
 import sys
 import threading
@@ -55,15 +56,38 @@ STEPS: tuple[Step, ...] = (
 KEYS = ("tokenizer_ceiling", "t2i_accuracy", "und_accuracy", "edit_accuracy")
 
 
+class ProgressThrottle:
+    """Which lines of a fit's output to echo: not library warnings (they stay in the log), and of the
+    progress bar's redraws (text mode turns tqdm's carriage returns into lines) one per ``every`` s."""
+
+    BAR = re.compile(r"(\d+)/(\d+) \[[^\]]*(it/s|s/it)")
+
+    def __init__(self, every: float = 30.0) -> None:
+        self.every = every
+        self.last = -every
+
+    def show(self, line: str) -> bool:
+        if line.startswith(("  warnings.warn", "/")) or not line.strip():
+            return False
+        bar = self.BAR.search(line)
+        if bar:
+            now = time.perf_counter()
+            if now - self.last < self.every and bar.group(1) != bar.group(2):  # the last redraw always shows
+                return False
+            self.last = now
+        return True
+
+
 def run(cmd: list[str], env: dict[str, str], log: Path) -> None:
     """Run a command, echoing its output and keeping a log; a failure stops the demo with the log path."""
     log.parent.mkdir(parents=True, exist_ok=True)
     with open(log, "w", encoding="utf-8") as f:
         proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
         assert proc.stdout is not None
+        progress = ProgressThrottle()
         for line in proc.stdout:
             f.write(line)
-            if not line.startswith(("  warnings.warn", "/")):  # keep library warnings in the log only
+            if progress.show(line):
                 sys.stdout.write(line)
                 sys.stdout.flush()
         code = proc.wait()
@@ -87,16 +111,12 @@ def run_parallel(jobs: list[tuple[str, list[str], Path]], env: dict[str, str]) -
 
     def pump(name: str, proc: subprocess.Popen[str], log: Path) -> None:
         assert proc.stdout is not None
-        shown = time.perf_counter()
+        progress = ProgressThrottle()
         with open(log, "w", encoding="utf-8") as f:
             for line in proc.stdout:
                 f.write(line)
-                if line.startswith(("  warnings.warn", "/")):
-                    continue  # library warnings stay in the log
-                if "\r" in line:  # progress-bar redraws: show the latest one every 30 s
-                    if time.perf_counter() - shown < 30:
-                        continue
-                    shown, line = time.perf_counter(), line.rsplit("\r", 1)[-1].strip() + "\n"
+                if not progress.show(line):
+                    continue
                 with lock:
                     sys.stdout.write(f"[{name}] {line}")
                     sys.stdout.flush()

@@ -20,7 +20,7 @@ from typing import Any
 
 import lightning as L
 from jsonargparse import ActionConfigFile
-from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.callbacks import ModelCheckpoint, ProgressBar, TQDMProgressBar
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
 STAGES_DIR = Path(__file__).resolve().parents[1] / "stages"
@@ -80,6 +80,18 @@ class WallarooCLI(LightningCLI):
                 "checkpoint.save_top_k": 0,
             }
         )
+
+    def instantiate_trainer(self, **kwargs: Any) -> L.Trainer:
+        """As Lightning's, plus a plain tqdm bar when stderr is not a terminal: Lightning's rich bar draws
+        nothing into a pipe or a log file until the run ends, tqdm's redraws show the step count as it
+        goes (``wallaroo.demo`` echoes one every 30 s). Left alone when the config sets its own bar or
+        disables it."""
+        trainer_cfg = self.config_init.get(self.subcommand, self.config_init).get("trainer", {}) or {}
+        callbacks = list(trainer_cfg.get("callbacks") or [])
+        wants_bar = trainer_cfg.get("enable_progress_bar") is not False
+        if wants_bar and not sys.stderr.isatty() and not any(isinstance(c, ProgressBar) for c in callbacks):
+            kwargs.setdefault("callbacks", [*callbacks, TQDMProgressBar(refresh_rate=10)])
+        return super().instantiate_trainer(**kwargs)
 
 
 def main(argv: list[str] | None = None) -> WallarooCLI:

@@ -1,0 +1,33 @@
+"""``wallaroo.demo`` helpers that do not need a training run."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+
+from wallaroo.demo import ProgressThrottle, run_parallel
+
+
+def test_progress_throttle_keeps_log_lines_and_thins_bar_redraws() -> None:
+    throttle = ProgressThrottle(every=3600.0)
+    bar = "Epoch 0:   5%|5         | {}/1400 [00:10<03:20,  6.62it/s, v_num=0, train/loss=0.5]\n"
+    assert throttle.show(bar.format(70))  # the first redraw shows
+    assert not throttle.show(bar.format(80))  # then at most one per interval
+    assert throttle.show(bar.format(1400))  # the finished bar always shows
+    assert throttle.show("== evaluating stage1\n")
+    assert not throttle.show("/venv/lib/python3.11/site-packages/x.py:1: UserWarning: noise\n")
+    assert not throttle.show("\n")
+
+
+def test_run_parallel_logs_each_job_and_names_failures(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    ok = [sys.executable, "-c", "import os; print('threads', os.environ['OMP_NUM_THREADS'])"]
+    bad = [sys.executable, "-c", "print('about to fail'); raise SystemExit(3)"]
+    run_parallel([("a", ok, tmp_path / "a.log"), ("b", ok, tmp_path / "b.log")], {})
+    out = capsys.readouterr().out
+    assert "[a] threads" in out and "[b] threads" in out
+    assert (tmp_path / "a.log").read_text().startswith("threads")
+    with pytest.raises(SystemExit, match=r"b \(3\)[\s\S]*b2\.log"):
+        run_parallel([("a", ok, tmp_path / "a2.log"), ("b", bad, tmp_path / "b2.log")], {})
+    assert "about to fail" in (tmp_path / "b2.log").read_text()
