@@ -15,10 +15,13 @@ def test_progress_throttle_keeps_log_lines_and_thins_bar_redraws() -> None:
     bar = "Epoch 0:   5%|5         | {}/1400 [00:10<03:20,  6.62it/s, v_num=0, train/loss=0.5]\n"
     assert throttle.show(bar.format(70))  # the first redraw shows
     assert not throttle.show(bar.format(80))  # then at most one per interval
-    assert throttle.show(bar.format(1400))  # the finished bar always shows
+    assert throttle.show(bar.format(1400))  # the finished bar always shows, once
+    assert not throttle.show(bar.format(1400))
     assert throttle.show("== evaluating stage1\n")
     assert not throttle.show("/venv/lib/python3.11/site-packages/x.py:1: UserWarning: noise\n")
     assert not throttle.show("\n")
+    assert not throttle.show("Sanity Checking: |          | 0/? [00:00<?, ?it/s]/venv/x.py:21: warning\n")
+    assert not throttle.show("Training: |          | 0/? [00:00<?, ?it/s]\n")
 
 
 def test_run_parallel_logs_each_job_and_names_failures(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

@@ -60,20 +60,29 @@ class ProgressThrottle:
     """Which lines of a fit's output to echo: not library warnings (they stay in the log), and of the
     progress bar's redraws (text mode turns tqdm's carriage returns into lines) one per ``every`` s."""
 
-    BAR = re.compile(r"(\d+)/(\d+) \[[^\]]*(it/s|s/it)")
+    BAR = re.compile(r"(\d+|\?)/(\d+|\?) \[[^\]]*(it/s|s/it)")
 
     def __init__(self, every: float = 30.0) -> None:
         self.every = every
         self.last = -every
+        self.finished_shown = False
 
     def show(self, line: str) -> bool:
         if line.startswith(("  warnings.warn", "/")) or not line.strip():
             return False
         bar = self.BAR.search(line)
         if bar:
-            now = time.perf_counter()
-            if now - self.last < self.every and bar.group(1) != bar.group(2):  # the last redraw always shows
+            if "?" in bar.group(1, 2):  # sanity-check and set-up bars with no length: nothing to show
                 return False
+            now, finished = time.perf_counter(), bar.group(1) == bar.group(2)
+            if finished:  # a finished bar shows once (tqdm redraws it a few times as it closes)
+                if self.finished_shown:
+                    return False
+                self.finished_shown = True
+            else:
+                self.finished_shown = False
+                if now - self.last < self.every:
+                    return False
             self.last = now
         return True
 
