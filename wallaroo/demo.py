@@ -87,33 +87,14 @@ class ProgressThrottle:
         return True
 
 
-def run(cmd: list[str], env: dict[str, str], log: Path) -> None:
-    """Run a command, echoing its output and keeping a log; a failure stops the demo with the log path."""
-    log.parent.mkdir(parents=True, exist_ok=True)
-    with open(log, "w", encoding="utf-8") as f:
-        proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-        assert proc.stdout is not None
-        progress = ProgressThrottle()
-        for line in proc.stdout:
-            f.write(line)
-            if progress.show(line):
-                sys.stdout.write(line)
-                sys.stdout.flush()
-        code = proc.wait()
-    if code != 0:
-        raise SystemExit(f"command failed ({code}): {' '.join(cmd)}\nlog: {log}")
-
-
 def run_parallel(jobs: list[tuple[str, list[str], Path]], env: dict[str, str]) -> None:
     """Run independent commands at once, the CPU cores split between them (``OMP_NUM_THREADS``).
 
-    Each job keeps its own log; its lines are echoed with a ``[name]`` prefix. One job: as :func:`run`.
-    Any failure stops the demo once all have ended, naming the failed commands and their logs.
+    Each job keeps its own log; its lines are echoed (with a ``[name]`` prefix when there are several),
+    filtered by :class:`ProgressThrottle`. Any failure stops the demo once all have ended, naming the
+    failed commands and their logs.
     """
-    if len(jobs) == 1:
-        name, cmd, log = jobs[0]
-        run(cmd, env, log)
-        return
+    many = len(jobs) > 1
     threads = max(1, (os.cpu_count() or 1) // len(jobs))
     lock = threading.Lock()
     procs: list[tuple[str, list[str], Path, subprocess.Popen[str]]] = []
@@ -121,19 +102,20 @@ def run_parallel(jobs: list[tuple[str, list[str], Path]], env: dict[str, str]) -
     def pump(name: str, proc: subprocess.Popen[str], log: Path) -> None:
         assert proc.stdout is not None
         progress = ProgressThrottle()
+        prefix = f"[{name}] " if many else ""
         with open(log, "w", encoding="utf-8") as f:
             for line in proc.stdout:
                 f.write(line)
                 if not progress.show(line):
                     continue
                 with lock:
-                    sys.stdout.write(f"[{name}] {line}")
+                    sys.stdout.write(prefix + line)
                     sys.stdout.flush()
 
     pumps = []
     for name, cmd, log in jobs:
         log.parent.mkdir(parents=True, exist_ok=True)
-        job_env = dict(env, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
+        job_env = dict(env, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads)) if many else env
         proc = subprocess.Popen(cmd, env=job_env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
         procs.append((name, cmd, log, proc))
         t = threading.Thread(target=pump, args=(name, proc, log), daemon=True)

@@ -120,11 +120,7 @@ def evaluate_shapes(
                       [s["lang"] for s in items], [s["scene"] for s in items])  # fmt: skip
         report["und"] = _floats(metric.compute())
         report["und_accuracy"] = report["und"]["accuracy"]
-        failures["und"] = [
-            {"question": s["question"], "expected": s["answer"], "answer": p}
-            for s, p in zip(items, preds, strict=True)
-            if p.strip().rstrip(".。").lower() != s["answer"].strip().rstrip(".。").lower()
-        ][:200]
+        failures["und"] = [dict(f, question=items[f["index"]]["question"]) for f in metric.failures[:200]]
         log(f"  und accuracy {report['und_accuracy']:.3f} ({time.perf_counter() - t0:.0f}s)")
 
     if "edit" in tasks:

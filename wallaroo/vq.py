@@ -552,10 +552,11 @@ class VQModel(nn.Module):
             raise ValueError(f"codes must be [B, rows, cols], got shape {tuple(codes.shape)}")
         return self.decode_latents(self.codebook_vectors(codes))
 
-    def forward(self, images: Tensor) -> VQOutput:
+    def forward(self, images: Tensor, pixel_weight: Tensor | None = None) -> VQOutput:
         """Reconstruct ``images`` through the quantiser with the straight-through estimator.
 
-        For training the tokenizer from scratch. In training mode it also records the codes in the
+        For training the tokenizer from scratch; ``pixel_weight`` (optional, ``[B, 1, H, W]``) weights the
+        reconstruction loss per pixel. In training mode it also records the codes in the
         ``codebook_used`` ring buffer and, if ``config.restart_dead_codes``, first re-initialises dead
         entries from this batch's latents (before the codebook enters the graph, so the in-place write
         is safe for autograd).
@@ -573,7 +574,7 @@ class VQModel(nn.Module):
         commit_loss = F.mse_loss(latents, quantized.detach())
         # Straight-through: the forward value is the code, the gradient goes to the encoder latents.
         recon = self.decode_latents(latents + (quantized - latents).detach())
-        recon_loss = self._recon_loss(recon, images)
+        recon_loss = self._recon_loss(recon, images, pixel_weight)
         if cfg.entropy_weight > 0:
             entropy_loss = self.quantize.entropy_loss(latents)
         else:
@@ -591,14 +592,16 @@ class VQModel(nn.Module):
             restarted=restarted,
         )
 
-    def _recon_loss(self, recon: Tensor, images: Tensor) -> Tensor:
+    def _recon_loss(self, recon: Tensor, images: Tensor, pixel_weight: Tensor | None = None) -> Tensor:
+        """The pixel loss of ``VQConfig.recon_loss``: a mean over all elements, or with ``pixel_weight``
+        (``[B, 1, H, W]``, broadcast over channels) the weighted mean ``sum(w * e) / sum(w)``."""
         kind = self.config.recon_loss
-        target = images.to(recon.dtype)
-        if kind == "l2":
-            return F.mse_loss(recon, target)
-        if kind == "l1":
-            return F.l1_loss(recon, target)
-        return F.l1_loss(recon, target) + F.mse_loss(recon, target)
+        diff = recon - images.to(recon.dtype)
+        per_element = {"l2": diff.square(), "l1": diff.abs(), "l1+l2": diff.abs() + diff.square()}[kind]
+        if pixel_weight is None:
+            return per_element.mean()
+        weight = pixel_weight.to(per_element.dtype)
+        return (weight * per_element).mean() / weight.mean()
 
     @torch.no_grad()
     def usage(self) -> float:
