@@ -8,6 +8,12 @@ foreground pixel counts ``1 + w`` times a background one (the weighted mean keep
 ``train/vq_recon`` logs the weighted loss).
 In 800-step trials on the shapes-ds8 network, the tokenizer ceiling went from 0.01 (``w = 0``) to
 0.23 (``w = 10``).
+
+``edge_weight`` adds weight on the pixels at an object's outline (either side of a foreground /
+background boundary). The detector tells shapes apart by their outlines (a square whose corners decode
+rounded reads as a circle), and with foreground weighting alone the outlines stay soft longest. In
+1400-step trials (foreground weight 10, batch 16, 200 scenes) the ceiling went from 0.23 (``edge_weight =
+0``) to 0.74 (10); 30 gave 0.61.
 """
 
 from __future__ import annotations
@@ -16,6 +22,7 @@ from dataclasses import asdict
 from typing import Any
 
 import lightning as L
+import torch.nn.functional as F
 from torch import Tensor
 
 from stages.base import OptimConfig, build_optimizer
@@ -31,12 +38,16 @@ class TokenizerStage(L.LightningModule):
         vq_overrides: dict[str, Any] | None = None,
         optim: OptimConfig | None = None,
         foreground_weight: float = 0.0,
+        edge_weight: float = 0.0,
     ) -> None:
         super().__init__()
         self.optim = optim or OptimConfig(lr=2e-3)
         if foreground_weight < 0:
             raise ValueError(f"foreground_weight must be >= 0, got {foreground_weight}")
+        if edge_weight < 0:
+            raise ValueError(f"edge_weight must be >= 0, got {edge_weight}")
         self.foreground_weight = float(foreground_weight)
+        self.edge_weight = float(edge_weight)
         # Plain values only: checkpoints must load with torch.load(weights_only=True).
         self.save_hyperparameters(
             {
@@ -44,6 +55,7 @@ class TokenizerStage(L.LightningModule):
                 "vq_overrides": dict(vq_overrides or {}),
                 "optim": asdict(self.optim),
                 "foreground_weight": self.foreground_weight,
+                "edge_weight": self.edge_weight,
             }
         )
         self.vq: VQModel = build_vq(vq, **(vq_overrides or {}))
@@ -62,14 +74,21 @@ class TokenizerStage(L.LightningModule):
         return total
 
     def pixel_weight(self, images: Tensor) -> Tensor | None:
-        """``1 + w`` on foreground pixels, 1 elsewhere (``[B, 1, H, W]``), or None when ``w == 0``.
+        """Per-pixel loss weights ``[B, 1, H, W]``, or None when both weights are 0: 1, plus
+        ``foreground_weight`` on foreground pixels, plus ``edge_weight`` on outline pixels (those whose
+        3x3 neighbourhood holds both foreground and background).
 
         Foreground: any channel more than 0.05 below white (images in [-1, 1]; ShapesWorld pixels are
         either exactly white or a palette colour)."""
-        if self.foreground_weight == 0:
+        if self.foreground_weight == 0 and self.edge_weight == 0:
             return None
         fg = (images < 1.0 - 0.05).any(dim=1, keepdim=True).to(images.dtype)
-        return 1.0 + self.foreground_weight * fg
+        weight = 1.0 + self.foreground_weight * fg
+        if self.edge_weight:
+            dilated = F.max_pool2d(fg, 3, stride=1, padding=1)
+            eroded = -F.max_pool2d(-fg, 3, stride=1, padding=1)
+            weight = weight + self.edge_weight * (dilated - eroded)
+        return weight
 
     def weighted_recon(self, recon: Tensor, images: Tensor) -> Tensor:
         """The VQ's pixel loss (``VQConfig.recon_loss``) with this stage's foreground weighting."""

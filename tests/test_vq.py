@@ -348,3 +348,26 @@ def test_tokenizer_stage_foreground_weighting() -> None:
     assert stage.hparams["foreground_weight"] == 10.0
     with pytest.raises(ValueError, match="foreground_weight"):
         TokenizerStage("tiny-ds8", foreground_weight=-1.0)
+
+
+def test_tokenizer_stage_edge_weighting() -> None:
+    from stages.tokenizer import TokenizerStage
+
+    # One 4x4 square in an 8x8 white image: its outline is the ring of pixels either side of its border.
+    images = torch.ones(1, 3, 8, 8)
+    images[:, :, 2:6, 2:6] = -1.0
+    stage = TokenizerStage("tiny-ds8", foreground_weight=2.0, edge_weight=5.0)
+    weight = stage.pixel_weight(images)[0, 0]
+    assert weight[3, 3] == 3.0  # inside, not on the outline: 1 + foreground
+    assert weight[2, 2] == 8.0 and weight[2, 4] == 8.0  # inner ring: 1 + foreground + edge
+    assert weight[1, 1] == 6.0 and weight[6, 3] == 6.0  # outer ring (background): 1 + edge
+    assert weight[0, 0] == 1.0 and weight[7, 7] == 1.0  # far background
+    # An error on the outline costs more than the same error inside the object.
+    on_edge = images.clone()
+    on_edge[:, :, 2, 2] += 0.5
+    inside = images.clone()
+    inside[:, :, 3, 3] += 0.5
+    assert stage.weighted_recon(on_edge, images) > stage.weighted_recon(inside, images)
+    assert TokenizerStage("tiny-ds8").pixel_weight(images) is None
+    with pytest.raises(ValueError, match="edge_weight"):
+        TokenizerStage("tiny-ds8", edge_weight=-1.0)
