@@ -47,11 +47,11 @@ STEPS: tuple[Step, ...] = (
     # vq 0.13 at batch 8, pretrain 0.95 at batch 32); then stages 1-4 get both cores (stage2 1.4 s/step).
     # Each fit also costs ~10 s of start-up and each ShapesEval 10-90 s.
     Step("vq", "shapes/vq.yaml", 2800, 120, (), "the image tokenizer", wave=0),
-    Step("pretrain", "shapes/pretrain.yaml", 380, 30, ("und",), "understanding (the small VLM)", wave=0),
-    Step("stage1", "shapes/stage1.yaml", 40, 15, ("t2i",), "first images (64x64)", wave=1),
-    Step("stage2", "shapes/stage2.yaml", 60, 15, ("t2i", "und"), "understanding with generation", wave=2),
-    Step("stage3", "shapes/stage3.yaml", 50, 15, ("t2i", "und"), "all three sizes", wave=3),
-    Step("stage4", "shapes/stage4.yaml", 50, 15, ("t2i", "und", "edit"), "editing", wave=4),
+    Step("pretrain", "shapes/pretrain.yaml", 380, 15, ("und",), "understanding (the small VLM)", wave=0),
+    Step("stage1", "shapes/stage1.yaml", 40, 5, ("t2i",), "first images (64x64)", wave=1),
+    Step("stage2", "shapes/stage2.yaml", 60, 5, ("t2i", "und"), "understanding with generation", wave=2),
+    Step("stage3", "shapes/stage3.yaml", 50, 5, ("t2i", "und"), "all three sizes", wave=3),
+    Step("stage4", "shapes/stage4.yaml", 50, 5, ("t2i", "und", "edit"), "editing", wave=4),
 )
 KEYS = ("tokenizer_ceiling", "t2i_accuracy", "und_accuracy", "edit_accuracy")
 
@@ -220,7 +220,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     out = Path(args.out).resolve()
-    samples = args.samples or (2000 if args.quick else 6000)  # 20000: ~2 min of writing alone
+    samples = args.samples or (500 if args.quick else 6000)  # 20000: ~2 min of writing alone
     eval_samples = args.eval_samples or (24 if args.quick else 200)
     wanted = args.steps.split(",")
     env = dict(os.environ, WALLAROO_SHAPES=str(out), PYTHONUNBUFFERED="1")
