@@ -163,7 +163,7 @@ def train_batches(model: WallarooModel, sizes: Sizes) -> dict[str, dict[str, tor
                   generator=g), lang="zh" if i % 2 else "en", template_index=i % 3, layout="square", ds=16)
         for i in range(sizes.t2i_batch)
     ]  # fmt: skip
-    proc = VitImageProcessor(cfg.vit_min_pixels, cfg.vit_max_pixels)
+    proc = VitImageProcessor.for_config(cfg)
     image = Image.fromarray(np.asarray(data.astronaut())).resize((sizes.und_image, sizes.und_image))
     pixel_values, grid = proc([image])
     n_vit = int(grid.prod()) // proc.merge_size**2

@@ -162,7 +162,7 @@ def pad_stats(groups: list[list[int]], pad_to: int | None) -> tuple[int, int]:
 def run(steps: int, seed: int) -> dict[str, Any]:
     cfg = get_preset("qwen2.5-vl-7b")
     tok, ids = tokenizer_for(cfg)
-    vit = VitImageProcessor(cfg.vit_min_pixels, VIT_MAX_PIXELS)
+    vit = VitImageProcessor.for_config(cfg, max_pixels=VIT_MAX_PIXELS)
     per_task: dict[str, dict[str, Any]] = {}
     totals = {"ours": [0, 0], "baseline": [0, 0], "arrival": [0, 0]}
     for task, recipe in RECIPE.items():

@@ -127,7 +127,7 @@ def build(seed: int = 0) -> tuple[Any, torch.Tensor, dict[str, dict[str, torch.T
         )  # fmt: skip
         for i in range(T2I_BATCH)
     ]
-    proc = VitImageProcessor(cfg.vit_min_pixels, cfg.vit_max_pixels)
+    proc = VitImageProcessor.for_config(cfg)
     image = Image.fromarray(np.asarray(data.astronaut())).resize((224, 224))
     pixel_values, grid = proc([image])
     n_vit = int(grid.prod()) // proc.merge_size**2

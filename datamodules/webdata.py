@@ -184,6 +184,8 @@ class TaskSpec:
     codebook_size: int | None = None
     vit_min_pixels: int = 3136
     vit_max_pixels: int = 254_016
+    vit_image_mean: tuple[float, ...] | None = None
+    vit_image_std: tuple[float, ...] | None = None
 
     def __post_init__(self) -> None:
         if self.task not in TASKS:
@@ -393,7 +395,9 @@ class SampleBuilder:
         self.bucket_sizes = {(b.w, b.h) for b in self.buckets.values()}
         self.vit: VitImageProcessor | None = None
         if not spec.images_only and spec.task in ("und", "edit"):
-            self.vit = VitImageProcessor(spec.vit_min_pixels, spec.vit_max_pixels)
+            self.vit = VitImageProcessor(
+                spec.vit_min_pixels, spec.vit_max_pixels, image_mean=spec.vit_image_mean, image_std=spec.vit_image_std
+            )
 
     def __call__(self, raw: dict[str, Any], rng: random.Random, *, train: bool) -> list[Item]:
         try:

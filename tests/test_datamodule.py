@@ -496,3 +496,24 @@ def test_expand_shards_patterns(shards, tmp_path) -> None:
     assert expand_shards([str(shards / "t2i" / "*.tar"), listed[0]]) == listed
     shutil.copy(listed[0], tmp_path / "a.tar")
     assert expand_shards(str(tmp_path)) == [str(tmp_path / "a.tar")]
+
+
+def test_und_pixels_use_the_model_normalisation_as_inference_does(shards, tokenizer) -> None:
+    # Training samples and the inference pipeline must feed the ViT the same numbers for the same image.
+    import random
+
+    from datamodules.shapes_world import und_samples
+    from datamodules.webdata import SampleBuilder
+    from wallaroo.model import WallarooModel
+    from wallaroo.pipeline import WallarooPipeline, to_pil
+    from wallaroo.vq import build_vq
+
+    cfg = get_preset("tiny", vit_image_mean=[1.0, 1.0, 1.0], vit_image_std=[0.5, 0.5, 0.5])
+    dm = make_dm(cfg, tokenizer, ("und",), und=td(shards / "und"))
+    sample = next(und_samples(1, 3))
+    (item,) = SampleBuilder(dm.specs["und"], *tokenizer)(to_record("und", sample), random.Random(0), train=False)
+    pipe = WallarooPipeline(WallarooModel(cfg), build_vq(cfg.vq), *tokenizer)
+    expected, grid = pipe.vit([to_pil(sample["image"])])
+    torch.testing.assert_close(item.sample.pixel_values, expected)
+    torch.testing.assert_close(item.sample.image_grid_thw, grid)
+    assert (expected == 0).float().mean() > 0.5  # white is 0 under this normalisation

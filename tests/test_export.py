@@ -55,7 +55,7 @@ def und_batch(model, tok, ids) -> dict[str, torch.Tensor]:
     from wallaroo.sequences import build_und, collate
 
     cfg = model.cfg
-    proc = VitImageProcessor(cfg.vit_min_pixels, cfg.vit_max_pixels)
+    proc = VitImageProcessor.for_config(cfg)
     image = Image.fromarray(np.asarray(data.astronaut())).resize((112, 84))
     pixel_values, grid = proc([image])
     conversation = [

@@ -16,6 +16,7 @@ import torch
 from PIL import Image
 
 from tests.conftest import OFFICIAL_TINY
+from wallaroo.config import get_preset
 from wallaroo.images import VitImageProcessor
 from wallaroo.sequences import (
     ASPECT_RATIO_512,
@@ -782,3 +783,26 @@ def test_vit_processor_sizes_and_errors():
         proc(Image.new("RGB", (28, 28)))
     with pytest.raises(ValueError, match="min_pixels"):
         VitImageProcessor(min_pixels=100, max_pixels=10)
+
+
+def test_vit_processor_normalisation_follows_the_config():
+    white_red = np.full((64, 64, 3), 255, dtype=np.uint8)
+    white_red[:16, :16] = (220, 40, 40)
+    # Default: Qwen's CLIP mean/std (white is far from 0 in every channel).
+    pv_clip, _ = VitImageProcessor(12544, 12544)([white_red])
+
+    def has(pv: torch.Tensor, value: float) -> bool:
+        return bool(torch.isclose(pv, torch.tensor(value), atol=1e-4).any())
+
+    assert has(pv_clip, (1 - 0.48145466) / 0.26862954) and not has(pv_clip, 0.0)
+    # The shapes preset maps white to exactly 0; a red pixel to ((220, 40, 40) / 255 - 1) / 0.5.
+    cfg = get_preset("shapes")
+    proc = VitImageProcessor.for_config(cfg)
+    assert proc.image_mean == [1.0, 1.0, 1.0] and proc.image_std == [0.5, 0.5, 0.5]
+    pv, grid = proc([white_red])
+    assert has(pv, 0.0) and has(pv, (220 / 255 - 1) / 0.5) and has(pv, (40 / 255 - 1) / 0.5)
+    assert (pv == 0).float().mean() > 0.8  # the background
+    with pytest.raises(ValueError, match="image_mean"):
+        VitImageProcessor(12544, 12544, image_mean=[0.5, 0.5], image_std=[1.0, 1.0, 1.0])
+    with pytest.raises(ValueError, match="std > 0"):
+        VitImageProcessor(12544, 12544, image_std=[1.0, 0.0, 1.0])

@@ -130,7 +130,7 @@ def tiny_edit_batch(stage) -> dict[str, torch.Tensor]:
     cfg = stage.model_config
     tok, ids = tokenizer_for(cfg)
     bucket = next(iter(BUCKET_SETS["shapes"].values()))
-    proc = VitImageProcessor(cfg.vit_min_pixels, cfg.vit_max_pixels)
+    proc = VitImageProcessor.for_config(cfg)
     src = (torch.rand(bucket.h, bucket.w, 3) * 255).to(torch.uint8).numpy()
     pv, grid = proc([src])
     n_vit = int(grid.prod()) // 4

@@ -126,6 +126,8 @@ class WallarooConfig:
     ``<|endoftext|>``; all special ids follow from it (``SPECIAL_OFFSETS``). ``buckets`` names the
     model's output sizes (``wallaroo.sequences.BUCKET_SETS``) and ``t2i_layout`` the text-to-image layout it
     was trained on: ``"square"`` (stages 1-2, no EOL or size indicators) or ``"aspect"``.
+    ``vit_image_mean``/``vit_image_std`` normalise the ViT's input pixels (``None``: Qwen's CLIP values, as
+    its pretrained ViT expects).
     """
 
     name: str
@@ -143,6 +145,8 @@ class WallarooConfig:
     vq_path: str | None = None
     vit_min_pixels: int = 3136
     vit_max_pixels: int = 254_016
+    vit_image_mean: list[float] | None = None
+    vit_image_std: list[float] | None = None
     pixel_mask_ratio: float = 0.6
     attn_implementation: str | None = None
 
@@ -263,6 +267,12 @@ PRESETS: dict[str, WallarooConfig] = {
         buckets="shapes",
         vit_min_pixels=112 * 112,
         vit_max_pixels=168 * 168,
+        # A ViT trained from scratch on white canvases: white maps to 0, so background patches give the
+        # same small feature and the objects stand out. With CLIP's values every patch carries a large
+        # constant and, in 600-step trials, count questions stayed at chance (0.22); with these, 0.89
+        # after 200 steps.
+        vit_image_mean=[1.0, 1.0, 1.0],
+        vit_image_std=[0.5, 0.5, 0.5],
     ),
     "qwen2.5-vl-3b": WallarooConfig(
         name="qwen2.5-vl-3b",

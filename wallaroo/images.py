@@ -10,16 +10,22 @@ cases: factor-28 ``smart_resize`` (bicubic), /255, CLIP mean/std, then 14x14 pat
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 from PIL import Image
 from torch import Tensor
 
+if TYPE_CHECKING:
+    from wallaroo.config import WallarooConfig
+
 # Qwen2.5-VL's preprocessor_config values (used by the reference golden cases).
 QWEN_MIN_PIXELS = 56 * 56
 QWEN_MAX_PIXELS = 28 * 28 * 16384
 TEMPORAL_PATCH_SIZE = 2
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
 
 class VitImageProcessor:
@@ -27,11 +33,26 @@ class VitImageProcessor:
 
     ``min_pixels``/``max_pixels`` bound the resized area (``smart_resize`` with factor
     ``patch_size · merge_size``); the LLM sees ``grid_h·grid_w / merge_size²`` tokens per image.
+    ``image_mean``/``image_std`` normalise the /255 pixels per channel (default: Qwen's CLIP values).
     """
 
-    def __init__(self, min_pixels: int, max_pixels: int, patch_size: int = 14, merge_size: int = 2) -> None:
+    def __init__(
+        self,
+        min_pixels: int,
+        max_pixels: int,
+        patch_size: int = 14,
+        merge_size: int = 2,
+        image_mean: Sequence[float] | None = None,
+        image_std: Sequence[float] | None = None,
+    ) -> None:
         if not 0 < min_pixels <= max_pixels:
             raise ValueError(f"need 0 < min_pixels <= max_pixels, got {min_pixels}, {max_pixels}")
+        self.image_mean = [float(v) for v in (CLIP_MEAN if image_mean is None else image_mean)]
+        self.image_std = [float(v) for v in (CLIP_STD if image_std is None else image_std)]
+        if len(self.image_mean) != 3 or len(self.image_std) != 3 or min(self.image_std) <= 0:
+            raise ValueError(
+                f"image_mean and image_std need 3 values each (std > 0), got {self.image_mean}, {self.image_std}"
+            )
         self.min_pixels = int(min_pixels)
         self.max_pixels = int(max_pixels)
         self.patch_size = int(patch_size)
@@ -46,6 +67,18 @@ class VitImageProcessor:
             patch_size=self.patch_size,
             merge_size=self.merge_size,
             temporal_patch_size=TEMPORAL_PATCH_SIZE,
+            image_mean=self.image_mean,
+            image_std=self.image_std,
+        )
+
+    @classmethod
+    def for_config(cls, cfg: WallarooConfig, max_pixels: int | None = None) -> VitImageProcessor:
+        """The processor a model config asks for (its pixel bounds and normalisation)."""
+        return cls(
+            cfg.vit_min_pixels,
+            cfg.vit_max_pixels if max_pixels is None else max_pixels,
+            image_mean=cfg.vit_image_mean,
+            image_std=cfg.vit_image_std,
         )
 
     @property

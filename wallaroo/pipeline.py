@@ -84,7 +84,7 @@ class WallarooPipeline:
         self.tok = tokenizer
         self.ids = ids
         self.options = options or PipelineConfig()
-        self.vit = VitImageProcessor(self.cfg.vit_min_pixels, self.cfg.vit_max_pixels)
+        self.vit = VitImageProcessor.for_config(self.cfg)
         self.buckets = BUCKET_SETS[self.cfg.buckets]
         self._black_sources: dict[tuple[int, int], tuple[Bucket, Tensor, Tensor, Tensor]] = {}
 

@@ -60,6 +60,7 @@ from wallaroo.config import (
     WallarooConfig,
     get_preset,
 )
+from wallaroo.images import CLIP_MEAN, CLIP_STD
 from wallaroo.model import WallarooModel, pick_attn_implementation
 from wallaroo.vq import VQ_PRESETS, VQConfig, VQModel
 
@@ -718,10 +719,6 @@ def build_from_weights(
 # Export
 # ----------------------------------------------------------------------------------------------------
 
-# Qwen2.5-VL's image preprocessing constants (CLIP mean/std), for preprocessor_config.json.
-_CLIP_MEAN = [0.48145466, 0.4578275, 0.40821073]
-_CLIP_STD = [0.26862954, 0.26130258, 0.27577711]
-
 # A ChatML template for Qwen2-VL style messages (string content, or a list of {"type": "text"|"image"|
 # "video"} items), so processors and serving stacks can render prompts from DIR/understanding.
 _CHAT_TEMPLATE = (
@@ -859,8 +856,8 @@ def _write_weights_dir(
             "do_normalize": True,
             "do_convert_rgb": True,
             "rescale_factor": 1 / 255,
-            "image_mean": _CLIP_MEAN,
-            "image_std": _CLIP_STD,
+            "image_mean": list(cfg.vit_image_mean or CLIP_MEAN),
+            "image_std": list(cfg.vit_image_std or CLIP_STD),
             "min_pixels": cfg.vit_min_pixels,
             "max_pixels": cfg.vit_max_pixels,
             "size": {"shortest_edge": cfg.vit_min_pixels, "longest_edge": cfg.vit_max_pixels},
