@@ -44,10 +44,10 @@ class Step:
 STEPS: tuple[Step, ...] = (
     # Full-run steps sized for ~17 min on an idle 2-core CPU. The tokenizer and the VLM pre-training do
     # not depend on each other, so they run side by side on one core each (measured s/step on one core:
-    # vq 0.13 at batch 8, pretrain 0.95 at batch 32); then stages 1-4 get both cores (stage2 1.4 s/step).
+    # vq 0.16 at batch 8, pretrain 0.5 at batch 16); then stages 1-4 get both cores (stage2 1.4 s/step).
     # Each fit also costs ~10 s of start-up and each ShapesEval 10-90 s.
     Step("vq", "shapes/vq.yaml", 2800, 120, (), "the image tokenizer", wave=0),
-    Step("pretrain", "shapes/pretrain.yaml", 380, 15, ("und",), "understanding (the small VLM)", wave=0),
+    Step("pretrain", "shapes/pretrain.yaml", 900, 15, ("und",), "understanding (the small VLM)", wave=0),
     Step("stage1", "shapes/stage1.yaml", 40, 5, ("t2i",), "first images (64x64)", wave=1),
     Step("stage2", "shapes/stage2.yaml", 60, 5, ("t2i", "und"), "understanding with generation", wave=2),
     Step("stage3", "shapes/stage3.yaml", 50, 5, ("t2i", "und"), "all three sizes", wave=3),
