@@ -401,8 +401,8 @@ class WallarooDataModule(L.LightningDataModule):
                 codebook_size=cfg.codebook_size,
                 vit_min_pixels=cfg.vit_min_pixels,
                 vit_max_pixels=cfg.vit_max_pixels,
-                vit_image_mean=cfg.vit_image_mean and tuple(cfg.vit_image_mean),
-                vit_image_std=cfg.vit_image_std and tuple(cfg.vit_image_std),
+                vit_image_mean=None if cfg.vit_image_mean is None else tuple(cfg.vit_image_mean),
+                vit_image_std=None if cfg.vit_image_std is None else tuple(cfg.vit_image_std),
             )
         return fields
 

@@ -806,3 +806,6 @@ def test_vit_processor_normalisation_follows_the_config():
         VitImageProcessor(12544, 12544, image_mean=[0.5, 0.5], image_std=[1.0, 1.0, 1.0])
     with pytest.raises(ValueError, match="std > 0"):
         VitImageProcessor(12544, 12544, image_std=[1.0, 0.0, 1.0])
+    # A bad value in a recipe fails when the model config is built.
+    with pytest.raises(ValueError, match="vit_image_std"):
+        get_preset("shapes", vit_image_std=[0.5, 0.5])
