@@ -91,7 +91,7 @@ class TokenizerStage(L.LightningModule):
         return weight
 
     def weighted_recon(self, recon: Tensor, images: Tensor) -> Tensor:
-        """The VQ's pixel loss (``VQConfig.recon_loss``) with this stage's foreground weighting."""
+        """The VQ's pixel loss (``VQConfig.recon_loss``) with this stage's pixel weights."""
         return self.vq._recon_loss(recon, images, self.pixel_weight(images))
 
     def validation_step(self, batch: dict[str, dict[str, Tensor]], batch_idx: int) -> None:

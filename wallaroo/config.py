@@ -152,10 +152,9 @@ class WallarooConfig:
 
     def __post_init__(self) -> None:
         # Checked here so a bad YAML value fails when the config is built, not in a data worker later.
-        for name in ("vit_image_mean", "vit_image_std"):
-            value = getattr(self, name)
-            if value is not None and (len(value) != 3 or (name == "vit_image_std" and min(value) <= 0)):
-                raise ValueError(f"{name} must be 3 numbers (std > 0) or None, got {value}")
+        from wallaroo.images import normalisation
+
+        normalisation(self.vit_image_mean, self.vit_image_std, ("vit_image_mean", "vit_image_std"))
 
     def with_overrides(self, **overrides: Any) -> WallarooConfig:
         """Return a copy with top-level fields (or ``backbone.<field>`` keys) replaced; unknown keys fail."""

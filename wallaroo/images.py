@@ -28,6 +28,18 @@ CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
 
+def normalisation(
+    mean: Sequence[float] | None, std: Sequence[float] | None, names: tuple[str, str] = ("image_mean", "image_std")
+) -> tuple[list[float], list[float]]:
+    """Per-channel ``(mean, std)`` for the ViT's /255 pixels, ``None`` meaning Qwen's CLIP values; fails
+    (naming ``names``) unless each has 3 values and every std is positive."""
+    m = [float(v) for v in (CLIP_MEAN if mean is None else mean)]
+    s = [float(v) for v in (CLIP_STD if std is None else std)]
+    if len(m) != 3 or len(s) != 3 or min(s) <= 0:
+        raise ValueError(f"{names[0]} and {names[1]} need 3 values each (std > 0), got {m}, {s}")
+    return m, s
+
+
 class VitImageProcessor:
     """Images -> ``(pixel_values [N, 3·2·p·p], image_grid_thw [n_images, 3])`` for the Qwen ViT.
 
@@ -47,12 +59,7 @@ class VitImageProcessor:
     ) -> None:
         if not 0 < min_pixels <= max_pixels:
             raise ValueError(f"need 0 < min_pixels <= max_pixels, got {min_pixels}, {max_pixels}")
-        self.image_mean = [float(v) for v in (CLIP_MEAN if image_mean is None else image_mean)]
-        self.image_std = [float(v) for v in (CLIP_STD if image_std is None else image_std)]
-        if len(self.image_mean) != 3 or len(self.image_std) != 3 or min(self.image_std) <= 0:
-            raise ValueError(
-                f"image_mean and image_std need 3 values each (std > 0), got {self.image_mean}, {self.image_std}"
-            )
+        self.image_mean, self.image_std = normalisation(image_mean, image_std)
         self.min_pixels = int(min_pixels)
         self.max_pixels = int(max_pixels)
         self.patch_size = int(patch_size)
