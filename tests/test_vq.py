@@ -127,6 +127,34 @@ def test_codes_are_nearest_normalised_codebook_entry(tiny: VQModel) -> None:
         torch.testing.assert_close(tiny.decode_codes(codes), tiny(images).recon, rtol=1e-4, atol=1e-4)
 
 
+def test_patch_context_codes_see_only_their_patch() -> None:
+    torch.manual_seed(0)
+    image_cfg = VQ_PRESETS["tiny-ds8"]
+    patch = build_vq(replace(image_cfg, encoder_context="patch")).eval()
+    whole = build_vq(image_cfg).eval()
+    # Same modules and keys as LlamaGen's encoder: weights move freely between the two settings.
+    whole.load_state_dict(patch.state_dict())
+    images = torch.rand(2, 3, 32, 48) * 2 - 1
+    images[:, :, :8, :8] = images[:, :, 8:16, 16:24]  # two identical patches in each image
+    changed = images.clone()
+    changed[:, :, 24:, 40:] = -1.0  # another patch, far from the first two
+    with torch.no_grad():
+        codes, latents = patch.encode(images)
+        codes2, latents2 = patch.encode(changed)
+        whole_latents = whole.encode(images)[1]
+        # Each patch is the whole image of its own: encode it alone and compare.
+        alone = patch.encode(images[:, :, 8:16, 16:24])[1]
+    torch.testing.assert_close(latents[:, 0, 0], latents[:, 1, 2])
+    torch.testing.assert_close(latents[:, 1, 2], alone[:, 0, 0])
+    torch.testing.assert_close(latents[:, :3, :5], latents2[:, :3, :5])
+    assert not torch.allclose(latents[:, 3, 5], latents2[:, 3, 5])
+    assert torch.equal(codes[:, 0, 0], codes[:, 1, 2]) and torch.equal(codes[:, :3, :5], codes2[:, :3, :5])
+    # The image-context encoder mixes neighbours, so its latents differ.
+    assert not torch.allclose(whole_latents, latents)
+    with pytest.raises(ValueError, match="encoder_context"):
+        VQConfig(encoder_context="tile")  # type: ignore[arg-type]
+
+
 def test_encode_rejects_sizes_not_multiple_of_downsampling(tiny: VQModel) -> None:
     with pytest.raises(ValueError, match="70x64"):
         tiny.encode(torch.zeros(1, 3, 64, 70))
