@@ -88,6 +88,11 @@ def test_evaluate_shapes_writes_report(tiny_ckpt, tmp_path):
         assert 0.0 <= report[key] <= 1.0
     assert report["seed"] == 1234 and report["samples_per_task"] == 6
     assert (out / "grid.png").exists() and (out / "failures.json").exists()
+    # The CLI's defaults are ShapesEval's (what the demo scores with), and the report names them.
+    from wallaroo.evaluate import SHAPES_SAMPLING
+
+    assert {k: report["sampling"][k] for k in SHAPES_SAMPLING} == SHAPES_SAMPLING
+    assert report["sampling"]["top_k"] > 1  # sampled, not greedy (see SHAPES_SAMPLING)
 
 
 def test_evaluate_geneval_dpg_imgedit_layouts(tiny_ckpt, source_png, tmp_path):
