@@ -340,6 +340,24 @@ def test_dead_code_restart_reuses_batch_latents() -> None:
     second.loss.backward()
 
 
+def test_dead_code_restart_goes_to_badly_fitted_latents() -> None:
+    torch.manual_seed(0)
+    cfg = replace(VQ_PRESETS["tiny-ds8"], restart_dead_codes=True, usage_window=8)
+    quantize = build_vq(cfg).quantize
+    book = quantize.codebook().detach()
+    # 63 latents sit exactly on entry 0 (like plain white patches); one is far from every entry.
+    outlier = F.normalize(-book.sum(0), dim=-1)
+    latents = torch.cat([book[:1].expand(63, -1), outlier[None]])
+    quantize.record(torch.zeros(8, dtype=torch.long))  # a full window in which only entry 0 was used
+    assert quantize.restart_dead(latents) == cfg.codebook_size - 1
+    new = F.normalize(quantize.embedding.weight.detach()[1:], dim=-1)
+    # Uniform draws would put ~98% of the restarts on entry 0's latent again; all go to the outlier.
+    torch.testing.assert_close(new, outlier.expand_as(new))
+    # When every latent already sits on an entry, the draw falls back to uniform over the rows.
+    quantize.record(torch.zeros(8, dtype=torch.long))
+    assert quantize.restart_dead(book[:1].expand(4, -1)) == cfg.codebook_size - 1
+
+
 def test_usage_ring_buffer_keeps_most_recent_codes() -> None:
     model = build_vq(replace(VQ_PRESETS["tiny-ds8"], usage_window=8))
     quantize = model.quantize
