@@ -118,6 +118,12 @@ class WallarooStage(L.LightningModule):
     CREATES: ClassVar[tuple[str, ...]] = ()
     EDIT: ClassVar[bool] = False
 
+    @classmethod
+    def trainable_parts(cls, init_args: dict[str, Any]) -> tuple[str, ...]:
+        """The parts a stage built with these ``__init__`` arguments trains (``TRAINABLE`` unless a
+        subclass lets an argument change it); ``wallaroo.summary`` asks this of a recipe."""
+        return cls.TRAINABLE
+
     def __init__(
         self,
         preset: str = "tiny",

@@ -23,7 +23,7 @@ def stage_class(class_path: str) -> type:
 def summarize_stage(path: str) -> dict[str, Any]:
     """Build the stage's model on the meta device, freeze as the stage does, count per module.
 
-    Only ``model.class_path`` and ``model.init_args.preset`` are read (interpolations elsewhere, such as
+    Only ``model.class_path`` and ``model.init_args`` are read (interpolations elsewhere, such as
     weight paths in environment variables, need not resolve)."""
     from stages.base import WallarooStage
 
@@ -34,14 +34,15 @@ def summarize_stage(path: str) -> dict[str, Any]:
     cls = stage_class(model_section.get("class_path", ""))
     if not (isinstance(cls, type) and issubclass(cls, WallarooStage)):
         raise ValueError(f"{resolved}: model.class_path {cls} is not a WallarooStage")
-    preset = (model_section.get("init_args") or {}).get("preset", "tiny")
+    init_args = model_section.get("init_args") or {}
+    preset = init_args.get("preset", "tiny")
     from wallaroo.config import get_preset
 
     cfg = get_preset(preset)
     cfg.edit = cfg.edit or cls.EDIT
     with torch.device("meta"):
         model = WallarooModel(cfg)
-    counts = set_trainable(model, cls.TRAINABLE)
+    counts = set_trainable(model, cls.trainable_parts(init_args))
     return {
         "stage": str(resolved),
         "class": f"{cls.__module__}.{cls.__name__}",

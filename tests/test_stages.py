@@ -35,7 +35,7 @@ def test_7b_stage_trainable_counts(name):
 
 
 EXPECTED_SHAPES_PARTS = {
-    "shapes/pretrain.yaml": {"vit", "llm"},
+    "shapes/pretrain.yaml": {"llm"},  # train_vit: false (see the recipe)
     "shapes/stage1.yaml": {"gen_adapter", "gen_head"},
     "shapes/stage2.yaml": {"llm", "gen_adapter", "gen_head"},
     "shapes/stage3.yaml": {"llm", "gen_adapter", "gen_head"},
@@ -79,6 +79,17 @@ def test_set_trainable_is_idempotent_and_evals_frozen_towers():
     plain = WallarooModel(get_preset("tiny"))
     with pytest.raises(ValueError, match="not in this model"):
         set_trainable(plain, ["edit_head"])
+
+
+@pytest.mark.parametrize("train_vit", [True, False])
+def test_pretrain_train_vit_switch(train_vit):
+    from stages import VLMPretrain
+
+    stage = VLMPretrain("tiny", train_vit=train_vit)
+    stage.configure_model()
+    assert all(p.requires_grad == train_vit for p in stage.model.visual.parameters())
+    assert all(p.requires_grad for p in stage.model.language_model.parameters())
+    assert stage.hparams["train_vit"] is train_vit  # saved with the checkpoint
 
 
 def test_param_groups_partition_by_rule():
