@@ -45,6 +45,8 @@ CJK_FONTS = (
 # blank canvases. Sampling picks one placement and the codes after it follow. In a stage-2 trial
 # (600 steps) greedy scored 0.00 and top-k 50 0.05 on the same model.
 SHAPES_SAMPLING = {"cfg_scale": 3.0, "top_k": 50, "top_p": 1.0, "temperature": 1.0}
+
+
 def evaluate_shapes(
     pipe: WallarooPipeline,
     out: Path,

@@ -137,9 +137,9 @@ VQ_PRESETS: dict[str, VQConfig] = {
     # Each code sees only its own 8x8 patch (encoder_context="patch"): with the whole image in view (the
     # LlamaGen setting) the trained encoder gave white background patches 851 different codes depending
     # on what was near them, so the LLM had to predict near-random codes for 3/4 of every image (t2i
-    # code loss 3.3 after 500 steps of a stage-2 trial). With patches, white is one code, 384 codes cover
-    # all 64x64 scenes, the same trial reached 0.64 in 600 steps, and the tokenizer ceiling went 0.805 ->
-    # 0.915 for the same 2800-step recipe.
+    # code loss 3.3 after 500 steps of a stage-2 trial). With patches, white is one code, the same trial
+    # reached 0.64 in 600 steps, and the tokenizer ceiling went 0.805 -> 0.915 for the same 2800-step
+    # recipe (then 0.955 with error-weighted restarts and edge weight 20).
     "shapes-ds8": VQConfig(
         ch=16,
         ch_mult=(1, 1, 1, 1),
