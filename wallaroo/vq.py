@@ -385,19 +385,25 @@ class VectorQuantizer(nn.Module):
         return F.normalize(self.embedding(codes), dim=-1)
 
     @torch.no_grad()
+    def _best_match(self, flat: Tensor) -> tuple[Tensor, Tensor]:
+        """``(score, index)`` of the best codebook entry for each unit row of ``flat [N, D]``: the largest
+        dot product with the normalised codebook (first index on ties), in chunks of ``_chunk`` rows."""
+        book = self.codebook().to(flat.dtype)
+        score = torch.empty(flat.shape[0], dtype=flat.dtype, device=flat.device)
+        index = torch.empty(flat.shape[0], dtype=torch.long, device=flat.device)
+        for start in range(0, flat.shape[0], self._chunk):
+            stop = start + self._chunk
+            torch.max(flat[start:stop] @ book.T, dim=-1, out=(score[start:stop], index[start:stop]))
+        return score, index
+
+    @torch.no_grad()
     def nearest(self, latents: Tensor) -> Tensor:
         """Index of the nearest normalised codebook entry for each L2-normalised latent ``[..., D]``.
 
         For unit vectors the smallest L2 distance is the largest dot product, so this is
         ``argmax(latents @ codebook().T)`` (first index on ties), computed in chunks.
         """
-        flat = latents.reshape(-1, latents.shape[-1])
-        book = self.codebook().to(flat.dtype)
-        out = torch.empty(flat.shape[0], dtype=torch.long, device=flat.device)
-        for start in range(0, flat.shape[0], self._chunk):
-            stop = start + self._chunk
-            out[start:stop] = (flat[start:stop] @ book.T).argmax(dim=-1)
-        return out.reshape(latents.shape[:-1])
+        return self._best_match(latents.reshape(-1, latents.shape[-1]))[1].reshape(latents.shape[:-1])
 
     @torch.no_grad()
     def record(self, codes: Tensor) -> None:
@@ -441,10 +447,7 @@ class VectorQuantizer(nn.Module):
         if dead.numel() == 0:
             return 0
         flat = latents.detach().reshape(-1, latents.shape[-1])
-        book = self.codebook().to(flat.dtype)
-        # Squared distance of unit vectors: 2 - 2 cos; chunked like nearest().
-        chunks = [flat[i : i + self._chunk] for i in range(0, len(flat), self._chunk)]
-        error = torch.cat([(2 - 2 * (chunk @ book.T).amax(-1)).clamp_min(0) for chunk in chunks])
+        error = (2 - 2 * self._best_match(flat)[0]).clamp_min(0)  # squared distance of unit vectors
         if float(error.sum()) > 0:
             pick = torch.multinomial(error.float(), dead.numel(), replacement=True)
         else:

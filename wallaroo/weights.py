@@ -60,7 +60,7 @@ from wallaroo.config import (
     WallarooConfig,
     get_preset,
 )
-from wallaroo.images import CLIP_MEAN, CLIP_STD
+from wallaroo.images import normalisation
 from wallaroo.model import WallarooModel, pick_attn_implementation
 from wallaroo.vq import VQ_PRESETS, VQConfig, VQModel
 
@@ -848,6 +848,7 @@ def _write_weights_dir(
                 copied.add(name)
     if "preprocessor_config.json" not in copied:
         merge = int(model.backbone.config.vision_config.spatial_merge_size)
+        image_mean, image_std = normalisation(cfg.vit_image_mean, cfg.vit_image_std)
         pre = {
             "image_processor_type": "Qwen2VLImageProcessor",
             "processor_class": "Qwen2_5_VLProcessor",
@@ -856,8 +857,8 @@ def _write_weights_dir(
             "do_normalize": True,
             "do_convert_rgb": True,
             "rescale_factor": 1 / 255,
-            "image_mean": list(cfg.vit_image_mean or CLIP_MEAN),
-            "image_std": list(cfg.vit_image_std or CLIP_STD),
+            "image_mean": image_mean,
+            "image_std": image_std,
             "min_pixels": cfg.vit_min_pixels,
             "max_pixels": cfg.vit_max_pixels,
             "size": {"shortest_edge": cfg.vit_min_pixels, "longest_edge": cfg.vit_max_pixels},
