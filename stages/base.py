@@ -212,7 +212,7 @@ class WallarooStage(L.LightningModule):
         """``init_from`` (previous stage: a Lightning checkpoint, a weights directory, a consolidated
         ``.safetensors`` file or an official checkpoint) and ``vq_path`` (LlamaGen or a tokenizer
         checkpoint), strictly: only the modules this stage creates may be missing, nothing unexpected."""
-        from wallaroo.vq import VQ_PRESETS
+        from wallaroo.vq import VQ_PRESETS, check_vq_stamp
         from wallaroo.weights import load_any, load_vq_file
 
         cfg = self.model_config
@@ -227,6 +227,7 @@ class WallarooStage(L.LightningModule):
                     f"{missing[:8]} ({len(missing)} in all), unexpected keys {result.unexpected_keys[:8]}"
                 )
             if loaded.vq_state and not cfg.vq_path:
+                check_vq_stamp(loaded.vq_stamp, self.vq.config, str(self.init_from))
                 self.vq.load_state_dict(loaded.vq_state, strict=True)
         if cfg.vq_path:
             self.vq.load_state_dict(load_vq_file(cfg.vq_path, VQ_PRESETS[cfg.vq]), strict=True)
@@ -378,6 +379,12 @@ class WallarooStage(L.LightningModule):
         return build_optimizer(self.model, self.optim, self.trainer.max_steps if self._trainer else -1)
 
     # ------------------------------------------------------------------------------ checkpoints
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        if self.vq is not None:
+            from wallaroo.vq import VQ_STAMP_KEY, vq_stamp
+
+            checkpoint[VQ_STAMP_KEY] = vq_stamp(self.vq.config)
+
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         # Resuming (--ckpt_path) restores every weight from the checkpoint: build first if needed.
         self.configure_model()

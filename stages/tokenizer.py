@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from stages.base import OptimConfig, build_optimizer
-from wallaroo.vq import VQModel, build_vq
+from wallaroo.vq import VQ_STAMP_KEY, VQModel, build_vq, vq_stamp
 
 
 class TokenizerStage(L.LightningModule):
@@ -101,3 +101,6 @@ class TokenizerStage(L.LightningModule):
 
     def configure_optimizers(self) -> dict[str, Any]:
         return build_optimizer(self.vq, self.optim, self.trainer.max_steps)
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        checkpoint[VQ_STAMP_KEY] = vq_stamp(self.vq.config)

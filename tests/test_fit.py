@@ -115,6 +115,22 @@ def test_every_shapes_step_runs_and_chains(recipe_env):
     ckpt = root / "stage4" / "last.ckpt"
     state = torch.load(ckpt, map_location="cpu", weights_only=True)["state_dict"]
     assert any(k.startswith("model.edit_head.") for k in state)
+    # It records the VQ config its tokenizer weights go with; a loader building another one refuses them.
+    from wallaroo.vq import VQ_PRESETS, VQ_STAMP_KEY, vq_stamp
+    from wallaroo.weights import build_from_weights, load_any
+
+    for trained, stale in ((root / "vq" / "last.ckpt", root / "stale_vq.ckpt"), (ckpt, root / "stale.ckpt")):
+        full = torch.load(trained, map_location="cpu", weights_only=True)
+        assert full[VQ_STAMP_KEY] == vq_stamp(VQ_PRESETS["tiny-ds8"])
+        full[VQ_STAMP_KEY]["encoder_context"] = "patch"
+        torch.save(full, stale)
+    with pytest.raises(ValueError, match=r"stale_vq\.ckpt.*encoder_context: trained .patch."):
+        build_from_weights(ckpt, vq_path=root / "stale_vq.ckpt")
+    # Without a vq_path the stage checkpoint's own VQ weights are used, and its record is checked.
+    own_vq = load_any(ckpt).config.with_overrides(vq_path=None)
+    build_from_weights(ckpt, config=own_vq)
+    with pytest.raises(ValueError, match=r"stale\.ckpt.*encoder_context: trained .patch."):
+        build_from_weights(root / "stale.ckpt", config=own_vq)
     # The three generate sub-commands work on a checkpoint written by the recipes.
     from PIL import Image
 

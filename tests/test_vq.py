@@ -417,3 +417,28 @@ def test_tokenizer_stage_edge_weighting() -> None:
     assert TokenizerStage("tiny-ds8").pixel_weight(images) is None
     with pytest.raises(ValueError, match="edge_weight"):
         TokenizerStage("tiny-ds8", edge_weight=-1.0)
+
+
+def test_tokenizer_checkpoints_record_their_config_and_refuse_another(tmp_path: Path) -> None:
+    from stages.tokenizer import TokenizerStage
+    from wallaroo.vq import VQ_STAMP_KEY
+    from wallaroo.weights import load_vq_file
+
+    stage = TokenizerStage("tiny-ds8", {"encoder_context": "patch"})
+    checkpoint = {"state_dict": {f"vq.{k}": v for k, v in stage.vq.state_dict().items()}}
+    stage.on_save_checkpoint(checkpoint)
+    assert checkpoint[VQ_STAMP_KEY]["encoder_context"] == "patch"
+    path = tmp_path / "vq.ckpt"
+    torch.save(checkpoint, path)
+    trained = stage.vq.config
+    state = load_vq_file(path, trained)
+    assert state.keys() == stage.vq.state_dict().keys()
+    # Training-only fields may differ: the weights compute the same tokenizer.
+    load_vq_file(path, replace(trained, recon_loss="l2", restart_dead_codes=False))
+    # Same keys and shapes, another tokenizer: refused, naming the file and the field.
+    with pytest.raises(ValueError, match=r"vq\.ckpt.*encoder_context: trained 'patch', expected 'image'"):
+        load_vq_file(path, replace(trained, encoder_context="image"))
+    # Files from before the record (and LlamaGen's own) carry none and load as they are.
+    del checkpoint[VQ_STAMP_KEY]
+    torch.save(checkpoint, path)
+    load_vq_file(path, replace(trained, encoder_context="image"))

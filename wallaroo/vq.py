@@ -23,8 +23,8 @@ from __future__ import annotations
 
 import os
 from collections.abc import Mapping
-from dataclasses import dataclass, replace
-from typing import Literal
+from dataclasses import dataclass, fields, replace
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
@@ -651,6 +651,42 @@ class VQModel(nn.Module):
 # --------------------------------------------------------------------------------------------------
 # Construction and loading
 # --------------------------------------------------------------------------------------------------
+
+
+# Checkpoints that hold VQ weights also record the config those weights were trained with (this key at
+# the checkpoint's top level). A preset can change under its name (``shapes-ds8`` moved to a per-patch
+# encoder): the old weights still load strictly, same keys and shapes, but compute another tokenizer, so
+# loaders compare the record with the config they build and refuse a mismatch.
+VQ_STAMP_KEY = "wallaroo_vq_config"
+# Fields that only steer training; every other field changes what given weights compute.
+_TRAINING_ONLY_FIELDS = frozenset(
+    {"dropout", "commit_beta", "entropy_weight", "entropy_temperature", "recon_loss", "restart_dead_codes",
+     "usage_window"}
+)  # fmt: skip
+
+
+def vq_stamp(config: VQConfig) -> dict[str, Any]:
+    """The fields of ``config`` that decide what its weights compute, as plain JSON values."""
+    return {
+        f.name: list(v) if isinstance(v := getattr(config, f.name), tuple) else v
+        for f in fields(config)
+        if f.name not in _TRAINING_ONLY_FIELDS
+    }
+
+
+def check_vq_stamp(stamp: Mapping[str, Any] | None, config: VQConfig, source: str) -> None:
+    """Raise when weights stamped ``stamp`` (see :data:`VQ_STAMP_KEY`; ``None``: unstamped, nothing to
+    check) were trained with another tokenizer than ``config`` describes. ``source`` names the file."""
+    if stamp is None:
+        return
+    want = vq_stamp(config)
+    diff = [f"{k}: trained {stamp[k]!r}, expected {want[k]!r}" for k in want if k in stamp and stamp[k] != want[k]]
+    if diff:
+        raise ValueError(
+            f"{source}: its VQ weights were trained with another tokenizer config ({'; '.join(diff)}); loaded "
+            "into this one they would tokenise wrongly. Retrain the tokenizer with the current preset, or "
+            "build the VQ with the config it was trained with."
+        )
 
 
 def build_vq(preset_or_config: str | VQConfig = "llamagen-ds16", **overrides: object) -> VQModel:

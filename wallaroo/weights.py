@@ -62,7 +62,7 @@ from wallaroo.config import (
 )
 from wallaroo.images import normalisation
 from wallaroo.model import WallarooModel, pick_attn_implementation
-from wallaroo.vq import VQ_PRESETS, VQConfig, VQModel
+from wallaroo.vq import VQ_PRESETS, VQ_STAMP_KEY, VQConfig, VQModel, check_vq_stamp
 
 FORMAT_NAME = "wallaroo-weights"
 FORMAT_VERSION = 1
@@ -111,6 +111,7 @@ class LoadedWeights:
     vq_config: VQConfig | None = None
     hf_config: Any | None = None
     stage: str | None = None
+    vq_stamp: dict[str, Any] | None = None
 
     @property
     def key_name(self) -> Callable[[str], str] | None:
@@ -474,7 +475,10 @@ def load_any(
             state, extra = read_sharded_checkpoint(p)
             model_state, vq_state, _ = split_state(state, str(p))
             hp = extra.get("hyper_parameters")
-            loaded = LoadedWeights(_config_from_hparams(hp), model_state, vq_state, SOURCE_LIGHTNING, path=str(p))
+            loaded = LoadedWeights(
+                _config_from_hparams(hp), model_state, vq_state, SOURCE_LIGHTNING, path=str(p),
+                vq_stamp=extra.get(VQ_STAMP_KEY),
+            )  # fmt: skip
         else:
             raise ValueError(f"{p} is a directory without {META_FILE}: not a Wallaroo weights directory")
     elif not p.is_file():
@@ -499,6 +503,7 @@ def load_any(
 def _load_file(p: Path) -> LoadedWeights:
     path = str(p)
     hp: Any = None
+    stamp = None
     if p.suffix == ".safetensors":
         from safetensors.torch import load_file
 
@@ -513,7 +518,7 @@ def _load_file(p: Path) -> LoadedWeights:
     else:
         obj = torch_load_safe(path)
         if isinstance(obj, Mapping) and isinstance(obj.get("state_dict"), Mapping):
-            state, hp = obj["state_dict"], obj.get("hyper_parameters")
+            state, hp, stamp = obj["state_dict"], obj.get("hyper_parameters"), obj.get(VQ_STAMP_KEY)
         elif isinstance(obj, Mapping) and obj and all(isinstance(v, Tensor) for v in obj.values()):
             state = obj
         else:
@@ -531,7 +536,7 @@ def _load_file(p: Path) -> LoadedWeights:
     stage = None
     if isinstance(hp, Mapping) and isinstance(hp.get("_class_path"), str):
         stage = hp["_class_path"]
-    return LoadedWeights(cfg, model_state, vq_state, source, path=path, stage=stage)
+    return LoadedWeights(cfg, model_state, vq_state, source, path=path, stage=stage, vq_stamp=stamp)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -647,7 +652,8 @@ def vq_from_state(
 
 def load_vq_file(path: str | os.PathLike[str], vq_config: VQConfig) -> dict[str, Tensor]:
     """VQ weights from LlamaGen's ``{"model": ...}`` file, a bare state dict, a ``.safetensors`` file or
-    one of our checkpoints (``vq.*`` keys)."""
+    one of our checkpoints (``vq.*`` keys). A checkpoint that records the VQ config its weights were
+    trained with (:data:`wallaroo.vq.VQ_STAMP_KEY`) must match ``vq_config`` (:func:`check_vq_stamp`)."""
     path = os.fspath(path)
     if path.endswith(".safetensors"):
         from safetensors.torch import load_file
@@ -657,6 +663,7 @@ def load_vq_file(path: str | os.PathLike[str], vq_config: VQConfig) -> dict[str,
         obj = torch_load_safe(path)
         state = obj
         if isinstance(obj, Mapping):
+            check_vq_stamp(obj.get(VQ_STAMP_KEY), vq_config, path)
             for key in ("model", "state_dict"):
                 if isinstance(obj.get(key), Mapping):
                     state = obj[key]
@@ -703,6 +710,8 @@ def build_from_weights(
     if vq_file is not None or loaded.vq_state is not None:
         if vq_config is None:
             raise ValueError(f"{path}: unknown VQ preset {cfg.vq!r} and no vq_config")
+        if vq_file is None:
+            check_vq_stamp(loaded.vq_stamp, vq_config, str(path))
         state = load_vq_file(vq_file, vq_config) if vq_file is not None else loaded.vq_state
         vq = vq_from_state(vq_config, state, device, source=str(vq_file or path))
         if (vq.config.codebook_size, vq.config.codebook_dim) != (cfg.codebook_size, cfg.codebook_dim):
