@@ -212,7 +212,7 @@ class WallarooStage(L.LightningModule):
         """``init_from`` (previous stage: a Lightning checkpoint, a weights directory, a consolidated
         ``.safetensors`` file or an official checkpoint) and ``vq_path`` (LlamaGen or a tokenizer
         checkpoint), strictly: only the modules this stage creates may be missing, nothing unexpected."""
-        from wallaroo.vq import VQ_PRESETS, check_vq_stamp
+        from wallaroo.vq import VQ_PRESETS
         from wallaroo.weights import load_any, load_vq_file
 
         cfg = self.model_config
@@ -227,8 +227,7 @@ class WallarooStage(L.LightningModule):
                     f"{missing[:8]} ({len(missing)} in all), unexpected keys {result.unexpected_keys[:8]}"
                 )
             if loaded.vq_state and not cfg.vq_path:
-                check_vq_stamp(loaded.vq_stamp, self.vq.config, str(self.init_from))
-                self.vq.load_state_dict(loaded.vq_state, strict=True)
+                self.vq.load_state_dict(loaded.checked_vq_state(self.vq.config), strict=True)
         if cfg.vq_path:
             self.vq.load_state_dict(load_vq_file(cfg.vq_path, VQ_PRESETS[cfg.vq]), strict=True)
 

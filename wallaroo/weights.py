@@ -118,6 +118,13 @@ class LoadedWeights:
         """How to spell a model key in error messages: the official name for official sources."""
         return our_key_to_official if self.source == SOURCE_OFFICIAL else None
 
+    def checked_vq_state(self, config: VQConfig) -> dict[str, Tensor] | None:
+        """``vq_state``, after checking that the source's record of the VQ config it was trained with (if
+        any) matches ``config``, the VQ it will be loaded into (:func:`wallaroo.vq.check_vq_stamp`)."""
+        if self.vq_state is not None:
+            check_vq_stamp(self.vq_stamp, config, self.path)
+        return self.vq_state
+
     @property
     def has_edit(self) -> bool:
         """True when the weights include the stage-4 editing modules."""
@@ -710,9 +717,7 @@ def build_from_weights(
     if vq_file is not None or loaded.vq_state is not None:
         if vq_config is None:
             raise ValueError(f"{path}: unknown VQ preset {cfg.vq!r} and no vq_config")
-        if vq_file is None:
-            check_vq_stamp(loaded.vq_stamp, vq_config, str(path))
-        state = load_vq_file(vq_file, vq_config) if vq_file is not None else loaded.vq_state
+        state = load_vq_file(vq_file, vq_config) if vq_file is not None else loaded.checked_vq_state(vq_config)
         vq = vq_from_state(vq_config, state, device, source=str(vq_file or path))
         if (vq.config.codebook_size, vq.config.codebook_dim) != (cfg.codebook_size, cfg.codebook_dim):
             raise ValueError(
