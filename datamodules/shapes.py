@@ -8,7 +8,8 @@ Usage::
 Layout: ``DIR/{task}/shard-000000.tar, ...`` (N samples per task) and ``DIR/manifest.json``.
 
 Shard schema (shared by every dataset of the project; ShapesWorld adds the extras marked *):
-- t2i:  ``png`` image; ``json`` = {"caption_en" | "caption_zh", *"lang", *"scene", *"size": [w, h]}
+- t2i:  ``png`` image; ``json`` = {"caption_en" | "caption_zh", *"lang", *"scene", *"size": [w, h], *"spec"}
+  (``spec`` is the spec version, ``shapes-world-v2``: readers refuse records of another version)
 - und:  ``0.png`` image (one ``<image>`` placeholder per image, in order); ``json`` =
   {"conversations": [{"role": "user", "content": "<image>\\n..."}, {"role": "assistant", ...}],
   *"lang", *"qtype", *"scene", *"size"}
@@ -55,7 +56,7 @@ def to_record(task: str, sample: dict[str, Any]) -> dict[str, Any]:
     """Convert a generator sample (see ``datamodules.shapes_world``) into a webdataset record."""
     lang = sample["lang"]
     w, h = sample["size"]
-    extras = {"lang": lang, "scene": scene_to_json(sample["scene"]), "size": [w, h]}
+    extras = {"lang": lang, "scene": scene_to_json(sample["scene"]), "size": [w, h], "spec": SPEC_VERSION}
     if task == "t2i":
         meta = {f"caption_{lang}": sample["caption"], **extras}
         return {"__key__": sample["key"], "png": encode_png(sample["image"]), "json": _json_bytes(meta)}

@@ -1,4 +1,4 @@
-"""ShapesWorld v1: the built-in bilingual world of flat coloured shapes.
+"""ShapesWorld v2: the built-in bilingual world of flat coloured shapes.
 
 This module is the executable form of ``shared/specs/shapes-world.md`` (the contract): scenes,
 pixel-exact rendering, English/Chinese captions and their parser, understanding questions and
@@ -7,7 +7,7 @@ for the three tasks (text-to-image, understanding, editing).
 
 Conventions (project-wide):
 - sizes are written ``(width, height)``; arrays are row first, so images are ``uint8 [H, W, 3]``;
-- a cell is ``(row, col)`` in the 3x3 grid, a jitter is ``(dy, dx)``.
+- a cell is ``(row, col)`` in the 3x3 grid, an offset is ``(oy, ox)`` in 8-px steps inside the cell.
 
 Pure numpy / PIL-free on purpose: the data pipeline, the detector and the tests import it without
 torch.
@@ -22,7 +22,7 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
-SPEC_VERSION = "shapes-world-v1"
+SPEC_VERSION = "shapes-world-v2"
 
 # --------------------------------------------------------------------------------------------------
 # Vocabulary
@@ -73,7 +73,7 @@ POSITIONS: dict[tuple[int, int], Word] = {
 }
 
 #: The three canvas sizes as (width, height): square, wide, tall.
-SIZES: list[tuple[int, int]] = [(64, 64), (96, 64), (64, 96)]
+SIZES: list[tuple[int, int]] = [(48, 48), (72, 48), (48, 72)]
 
 LANGS: tuple[str, ...] = ("en", "zh")
 QTYPES: tuple[str, ...] = ("colour", "shape", "count", "position", "caption")
@@ -84,7 +84,8 @@ SHAPE_KEYS: tuple[str, ...] = tuple(SHAPES)
 CELLS: tuple[tuple[int, int], ...] = tuple(POSITIONS)
 
 BOX = 16  # side of an object's box in pixels
-JITTER = 2  # jitters are drawn uniformly from [-JITTER, JITTER]
+STEP = 8  # an offset step in pixels: the code grid of an 8x-downsampling tokenizer
+MAX_OFFSET = 1  # a 24-px cell leaves one step of placement; a 16-px cell none
 BACKGROUND = (255, 255, 255)
 
 # --------------------------------------------------------------------------------------------------
@@ -94,13 +95,14 @@ BACKGROUND = (255, 255, 255)
 
 @dataclass(frozen=True, order=True)
 class ShapeObject:
-    """One object: palette colour key, shape key, grid cell ``(row, col)`` and jitter ``(dy, dx)``."""
+    """One object: palette colour key, shape key, grid cell ``(row, col)`` and offset ``(oy, ox)``: 8-px
+    steps of its 16x16 box inside the cell (0 or 1; a step is only allowed where the cell is 24 px)."""
 
     colour: str
     shape: str
     cell: tuple[int, int]
-    dy: int = 0
-    dx: int = 0
+    oy: int = 0
+    ox: int = 0
 
 
 #: A scene: 1-3 objects in distinct cells with distinct shapes, sorted in reading order.
@@ -110,8 +112,9 @@ Scene = tuple[ShapeObject, ...]
 def make_scene(objects: Sequence[ShapeObject]) -> Scene:
     """Validate ``objects`` against the scene rules and return them sorted in reading order.
 
-    Raises ``ValueError`` for an unknown colour/shape/cell, a jitter outside ``[-2, 2]``, zero or more
-    than three objects, or repeated cells or shapes.
+    Raises ``ValueError`` for an unknown colour/shape/cell, an offset outside ``{0, 1}``, zero or more
+    than three objects, or repeated cells or shapes. Whether an offset fits a canvas depends on its size,
+    so :func:`render` checks that.
     """
     objs = tuple(objects)
     if not 1 <= len(objs) <= 3:
@@ -123,8 +126,8 @@ def make_scene(objects: Sequence[ShapeObject]) -> Scene:
             raise ValueError(f"unknown shape {o.shape!r}")
         if tuple(o.cell) not in POSITIONS:
             raise ValueError(f"unknown cell {o.cell!r}")
-        if not (-JITTER <= o.dy <= JITTER and -JITTER <= o.dx <= JITTER):
-            raise ValueError(f"jitter out of range: {(o.dy, o.dx)}")
+        if not (0 <= o.oy <= MAX_OFFSET and 0 <= o.ox <= MAX_OFFSET):
+            raise ValueError(f"offset out of range (0..{MAX_OFFSET} steps): {(o.oy, o.ox)}")
     if len({tuple(o.cell) for o in objs}) != len(objs):
         raise ValueError("objects must be in distinct cells")
     if len({o.shape for o in objs}) != len(objs):
@@ -135,34 +138,54 @@ def make_scene(objects: Sequence[ShapeObject]) -> Scene:
 
 
 def scene_to_json(scene: Scene) -> list[dict[str, Any]]:
-    """JSON form of a scene: ``[{"colour", "shape", "cell": [r, c], "jitter": [dy, dx]}, ...]``."""
+    """JSON form of a scene: ``[{"colour", "shape", "cell": [r, c], "offset": [oy, ox]}, ...]``."""
     return [
-        {"colour": o.colour, "shape": o.shape, "cell": [o.cell[0], o.cell[1]], "jitter": [o.dy, o.dx]}
+        {"colour": o.colour, "shape": o.shape, "cell": [o.cell[0], o.cell[1]], "offset": [o.oy, o.ox]}
         for o in scene
     ]
 
 
 def scene_from_json(data: Sequence[dict[str, Any]]) -> Scene:
-    """Inverse of :func:`scene_to_json`; validates the scene (see :func:`make_scene`)."""
+    """Inverse of :func:`scene_to_json`; validates the scene (see :func:`make_scene`). A v1 object (with
+    ``jitter`` instead of ``offset``) is refused: its pixels follow another contract."""
     objs = []
     for d in data:
-        dy, dx = d.get("jitter", (0, 0))
+        if "jitter" in d and "offset" not in d:
+            raise ValueError(f"a ShapesWorld v1 object (it has 'jitter', not 'offset'): {dict(d)}")
+        oy, ox = d.get("offset", (0, 0))
         r, c = d["cell"]
-        objs.append(ShapeObject(str(d["colour"]), str(d["shape"]), (int(r), int(c)), int(dy), int(dx)))
+        objs.append(ShapeObject(str(d["colour"]), str(d["shape"]), (int(r), int(c)), int(oy), int(ox)))
     return make_scene(objs)
 
 
-def random_scene(rng: np.random.Generator, n_objects: int | None = None) -> Scene:
-    """Draw a scene: ``n_objects`` (uniform in 1..3 when None) objects with distinct cells and shapes,
-    colours uniform with repetition allowed, jitters uniform in ``[-2, 2]``."""
+def max_offsets(width: int, height: int) -> tuple[int, int]:
+    """The largest allowed ``(oy, ox)`` on a ``width x height`` canvas: a cell of ``H/3`` (``W/3``) px
+    leaves ``(H/3 - 16) / 8`` steps of placement (0 for 16 px, 1 for 24 px)."""
+    return (height // 3 - BOX) // STEP, (width // 3 - BOX) // STEP
+
+
+def check_size(width: int, height: int) -> None:
+    """Fail unless ``width x height`` is one of the spec's canvases (:data:`SIZES`)."""
+    if (width, height) not in SIZES:
+        valid = ", ".join(f"{w}x{h}" for w, h in SIZES)
+        raise ValueError(f"ShapesWorld v2 canvases are {valid}; got {width}x{height}")
+
+
+def random_scene(
+    rng: np.random.Generator, n_objects: int | None = None, size: tuple[int, int] = (48, 48)
+) -> Scene:
+    """Draw a scene for a ``size = (width, height)`` canvas: ``n_objects`` (uniform in 1..3 when None)
+    objects with distinct cells and shapes, colours uniform with repetition allowed, each allowed offset
+    uniform (on 48x48 every offset is (0, 0))."""
     n = int(rng.integers(1, 4)) if n_objects is None else int(n_objects)
+    max_oy, max_ox = max_offsets(*size)
     if not 1 <= n <= 3:
         raise ValueError(f"n_objects must be in 1..3, got {n}")
     # permutation + one vectorised integers() call: several times faster than choice(replace=False),
     # which matters because the shard writer draws a scene per sample.
     cells = rng.permutation(len(CELLS))[:n]
     shapes = rng.permutation(len(SHAPE_KEYS))[:n]
-    attrs = rng.integers([0, -JITTER, -JITTER], [len(COLOUR_KEYS), JITTER + 1, JITTER + 1], size=(n, 3))
+    attrs = rng.integers([0, 0, 0], [len(COLOUR_KEYS), max_oy + 1, max_ox + 1], size=(n, 3))
     objs = [
         ShapeObject(COLOUR_KEYS[a[0]], SHAPE_KEYS[s], CELLS[c], a[1], a[2])
         for c, s, a in zip(cells.tolist(), shapes.tolist(), attrs.tolist(), strict=True)
@@ -177,13 +200,16 @@ def random_scene(rng: np.random.Generator, n_objects: int | None = None) -> Scen
 
 
 def _shape_masks() -> dict[str, np.ndarray]:
-    """Boolean 16x16 masks in box coordinates, pixel centres at +0.5 (spec "Objects" table)."""
-    y, x = np.mgrid[0:BOX, 0:BOX].astype(np.float64) + 0.5
+    """Boolean 16x16 masks in box coordinates, pixel centres at +0.5 (spec "Objects" table). Rows and
+    columns 0 and 15 stay white: a 1-px margin, so objects in neighbouring cells never touch."""
+    iy, ix = np.mgrid[0:BOX, 0:BOX]
+    y, x = iy + 0.5, ix + 0.5
+    inner = (iy >= 1) & (iy <= BOX - 2) & (ix >= 1) & (ix <= BOX - 2)
     return {
-        "square": np.ones((BOX, BOX), dtype=bool),
-        "circle": (y - 8) ** 2 + (x - 8) ** 2 <= 64,
-        "triangle": np.abs(x - 8) <= y / 2,  # y already carries the +0.5
-        "diamond": np.abs(x - 8) + np.abs(y - 8) <= 8,
+        "square": inner,
+        "circle": (y - 8) ** 2 + (x - 8) ** 2 <= 49,
+        "triangle": inner & (np.abs(x - 8) <= y / 2),  # y already carries the +0.5
+        "diamond": np.abs(x - 8) + np.abs(y - 8) <= 7,
     }
 
 
@@ -192,14 +218,20 @@ for _m in SHAPE_MASKS.values():
     _m.flags.writeable = False  # shared module-level constants
 
 
-def cell_centre(cell: tuple[int, int], width: int, height: int) -> tuple[int, int]:
-    """Integer cell centre ``(cy, cx) = floor((row + 0.5) * H / 3), floor((col + 0.5) * W / 3)``.
+def box_origin(obj: ShapeObject, width: int, height: int) -> tuple[int, int]:
+    """Top-left pixel ``(y, x)`` of ``obj``'s 16x16 box: ``(row*H/3 + 8*oy, col*W/3 + 8*ox)``.
 
-    Computed in exact integer arithmetic, ``floor((2r + 1) * H / 6)``, so that no float rounding can
-    move a centre that falls on an integer.
+    Fails when the canvas is not a spec size or the offset would leave the cell (a step on a 16-px cell).
     """
-    r, c = cell
-    return ((2 * r + 1) * height) // 6, ((2 * c + 1) * width) // 6
+    check_size(width, height)
+    max_oy, max_ox = max_offsets(width, height)
+    if obj.oy > max_oy or obj.ox > max_ox:
+        raise ValueError(
+            f"offset {(obj.oy, obj.ox)} of the {obj.shape} leaves its cell on {width}x{height} "
+            f"(at most {(max_oy, max_ox)})"
+        )
+    r, c = obj.cell
+    return r * (height // 3) + STEP * obj.oy, c * (width // 3) + STEP * obj.ox
 
 
 def cell_of_point(y: float, x: float, width: int, height: int) -> tuple[int, int]:
@@ -213,20 +245,13 @@ def cell_of_point(y: float, x: float, width: int, height: int) -> tuple[int, int
 def render(scene: Scene, width: int, height: int) -> np.ndarray:
     """Render ``scene`` on a white ``width x height`` canvas; returns ``uint8 [height, width, 3]``.
 
-    Pixel-exact per the spec: each object's 16x16 box has its top-left at ``(cy-8+dy, cx-8+dx)``; the
-    shape's mask pixels take the exact palette RGB. Boxes are clipped to the canvas; later objects
-    are drawn on top (in a valid scene boxes never overlap).
+    Pixel-exact per the spec: each object's 16x16 box has its top-left at :func:`box_origin` (always
+    inside its cell, so boxes never overlap); the shape's mask pixels take the exact palette RGB.
     """
     img = np.full((height, width, 3), 255, dtype=np.uint8)
     for o in scene:
-        cy, cx = cell_centre(o.cell, width, height)
-        top, left = cy - 8 + o.dy, cx - 8 + o.dx
-        y0, y1 = max(top, 0), min(top + BOX, height)
-        x0, x1 = max(left, 0), min(left + BOX, width)
-        if y0 >= y1 or x0 >= x1:
-            continue
-        mask = SHAPE_MASKS[o.shape][y0 - top:y1 - top, x0 - left:x1 - left]
-        img[y0:y1, x0:x1][mask] = COLOURS[o.colour].rgb
+        top, left = box_origin(o, width, height)
+        img[top:top + BOX, left:left + BOX][SHAPE_MASKS[o.shape]] = COLOURS[o.colour].rgb
     return img
 
 
@@ -327,7 +352,7 @@ def parse_caption(text: str, lang: str) -> set[tuple[str, str, tuple[int, int]]]
 
 
 def scene_triples(scene: Scene) -> frozenset[tuple[str, str, tuple[int, int]]]:
-    """The scene as the set of ``(colour, shape, cell)`` (jitter dropped) — what captions and the
+    """The scene as the set of ``(colour, shape, cell)`` (offset dropped) — what captions and the
     detector can see."""
     return frozenset((o.colour, o.shape, (int(o.cell[0]), int(o.cell[1]))) for o in scene)
 
@@ -394,9 +419,10 @@ def answer_correct(pred: str, expected: str, qtype: str, lang: str, scene: Scene
 # --------------------------------------------------------------------------------------------------
 
 
-def _fresh_jitter(rng: np.random.Generator) -> tuple[int, int]:
-    dy, dx = rng.integers(-JITTER, JITTER + 1, size=2)
-    return int(dy), int(dx)
+def _fresh_offset(rng: np.random.Generator, size: tuple[int, int]) -> tuple[int, int]:
+    max_oy, max_ox = max_offsets(*size)
+    oy, ox = rng.integers([0, 0], [max_oy + 1, max_ox + 1])
+    return int(oy), int(ox)
 
 
 def valid_edit_ops(scene: Scene) -> list[str]:
@@ -411,14 +437,14 @@ def valid_edit_ops(scene: Scene) -> list[str]:
 
 
 def make_edit(
-    scene: Scene, op: str, lang: str, rng: np.random.Generator
+    scene: Scene, op: str, lang: str, rng: np.random.Generator, size: tuple[int, int] = (48, 48)
 ) -> tuple[str, Scene] | None:
     """An ``(instruction, target_scene)`` applying ``op`` to ``scene``, or None when ``op`` is invalid.
 
     Validity (spec): recolor - the new colour differs (always possible); remove - 2+ objects;
     add - the shape is absent, the cell empty, at most 2 objects before; move - the target cell is
-    empty. Unchanged and recoloured objects keep their exact jitter (hence pixels); moved and added
-    objects get fresh jitter. The named object, new colour, shape and cell are drawn from ``rng``.
+    empty. Unchanged and recoloured objects keep their exact offset (hence pixels); moved and added
+    objects get a fresh offset allowed on ``size = (width, height)``. The named object, new colour, shape and cell are drawn from ``rng``.
     """
     _check_lang(lang)
     en = lang == "en"
@@ -446,24 +472,26 @@ def make_edit(
         shape = _pick(rng, [k for k in SHAPE_KEYS if k not in present])
         cell = _pick(rng, empty)
         colour = _pick(rng, COLOUR_KEYS)
-        dy, dx = _fresh_jitter(rng)
+        oy, ox = _fresh_offset(rng, size)
         s, c, p = SHAPES[shape], COLOURS[colour], POSITIONS[cell]
         instr = f"Add a {c.en} {s.en} at the {p.en}." if en else f"在{p.zh}添加一个{c.zh}{s.zh}。"
-        return instr, make_scene(scene + (ShapeObject(colour, shape, cell, dy, dx),))
+        return instr, make_scene(scene + (ShapeObject(colour, shape, cell, oy, ox),))
     # move
     i = int(rng.integers(len(scene)))
     o = scene[i]
     cell = _pick(rng, empty)
-    dy, dx = _fresh_jitter(rng)
+    oy, ox = _fresh_offset(rng, size)
     s, p = SHAPES[o.shape], POSITIONS[cell]
     instr = f"Move the {s.en} to the {p.en}." if en else f"把{s.zh}移到{p.zh}。"
-    return instr, make_scene(scene[:i] + (replace(o, cell=cell, dy=dy, dx=dx),) + scene[i + 1:])
+    return instr, make_scene(scene[:i] + (replace(o, cell=cell, oy=oy, ox=ox),) + scene[i + 1:])
 
 
-def random_edit(scene: Scene, lang: str, rng: np.random.Generator) -> tuple[str, str, Scene]:
+def random_edit(
+    scene: Scene, lang: str, rng: np.random.Generator, size: tuple[int, int] = (48, 48)
+) -> tuple[str, str, Scene]:
     """Pick an op uniformly among the valid ones and apply it: returns ``(op, instruction, target)``."""
     op = _pick(rng, valid_edit_ops(scene))
-    result = make_edit(scene, op, lang, rng)
+    result = make_edit(scene, op, lang, rng, size)
     assert result is not None  # op was chosen among the valid ones
     return (op, *result)
 
@@ -502,7 +530,7 @@ def t2i_samples(n: int, seed: int, start: int = 0) -> Iterator[dict[str, Any]]:
     for i in range(start, start + n):
         rng = _sample_rng(seed, "t2i", i)
         lang, (w, h) = _lang_size(i)
-        scene = random_scene(rng)
+        scene = random_scene(rng, size=(w, h))
         yield {
             "key": sample_key("t2i", seed, i), "lang": lang, "size": (w, h), "scene": scene,
             "caption": caption(scene, lang), "image": render(scene, w, h),
@@ -519,7 +547,7 @@ def und_samples(n: int, seed: int, start: int = 0) -> Iterator[dict[str, Any]]:
         rng = _sample_rng(seed, "und", i)
         lang, (w, h) = _lang_size(i)
         qtype = QTYPES[(i // 6) % len(QTYPES)]
-        scene = random_scene(rng)
+        scene = random_scene(rng, size=(w, h))
         q, a = make_question(scene, qtype, lang, rng)
         yield {
             "key": sample_key("und", seed, i), "lang": lang, "size": (w, h), "scene": scene,
@@ -539,8 +567,8 @@ def edit_samples(n: int, seed: int, start: int = 0) -> Iterator[dict[str, Any]]:
         lang, (w, h) = _lang_size(i)
         op = EDIT_OPS[(i // 6) % len(EDIT_OPS)]
         while True:
-            scene = random_scene(rng)
-            result = make_edit(scene, op, lang, rng)
+            scene = random_scene(rng, size=(w, h))
+            result = make_edit(scene, op, lang, rng, (w, h))
             if result is not None:
                 break
         instruction, target = result

@@ -63,6 +63,7 @@ from webdataset.gopen import gopen
 from webdataset.shardlists import expand_urls
 from webdataset.tariterators import group_by_keys, tar_file_expander
 
+from datamodules.shapes_world import SPEC_VERSION
 from wallaroo.images import VitImageProcessor
 from wallaroo.sequences import (
     BUCKET_SETS,
@@ -230,6 +231,11 @@ class SampleError(Exception):
     counted."""
 
 
+class StaleShardError(Exception):
+    """A ShapesWorld shard written under another version of the spec: its pixels and scenes follow another
+    contract, so the run stops (skipping would silently train on nothing) and says how to rewrite it."""
+
+
 class SampleFiltered(Exception):
     """A valid sample this configuration does not want (e.g. a language outside ``langs``): dropped
     silently."""
@@ -351,6 +357,11 @@ def _decode_json(raw: dict[str, Any]) -> dict[str, Any]:
         raise SampleError(f"json does not parse ({exn})") from None
     if not isinstance(meta, dict):
         raise SampleError(f"json must be an object, got {type(meta).__name__}")
+    if "scene" in meta and meta.get("spec") != SPEC_VERSION:  # a ShapesWorld record
+        raise StaleShardError(
+            f"a ShapesWorld shard of spec {meta.get('spec', 'shapes-world-v1')!r}, this package reads "
+            f"{SPEC_VERSION!r}: rewrite the shards with `python -m datamodules.shapes --out DIR --samples N`"
+        )
     return meta
 
 
@@ -408,6 +419,8 @@ class SampleBuilder:
             return self._edit(raw, rng, train)
         except (SampleError, SampleFiltered):
             raise
+        except StaleShardError as exn:
+            raise StaleShardError(f"{raw.get('__url__')} (sample {raw.get('__key__')}): {exn}") from None
         except Exception as exn:  # noqa: BLE001 - bad data must never stop the run
             raise SampleError(f"{type(exn).__name__}: {exn}") from None
 

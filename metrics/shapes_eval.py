@@ -282,7 +282,7 @@ class T2IAccuracy(_GroupAccuracy):
     ``compute()`` keys (float tensors, NaN for a group without samples):
 
     - ``accuracy`` overall; ``accuracy_en``/``accuracy_zh`` per prompt language; ``accuracy_n1``/``_n2``/
-      ``_n3`` per object count of the prompt's scene; ``accuracy_64x64``/``_96x64``/``_64x96`` per requested
+      ``_n3`` per object count of the prompt's scene; ``accuracy_48x48``/``_72x48``/``_48x72`` per requested
       size (``WxH``; other sizes only count overall);
     - per attribute, over all images, comparing the detected scene D with the expected scene E on the
       image's content alone (independent of the size check):

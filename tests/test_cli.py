@@ -34,7 +34,7 @@ def tiny_ckpt(tmp_path_factory) -> Path:
 def source_png(tmp_path_factory) -> Path:
     path = tmp_path_factory.mktemp("img") / "scene.png"
     scene = make_scene([ShapeObject("red", "circle", (0, 0)), ShapeObject("blue", "square", (1, 1))])
-    Image.fromarray(render(scene, 96, 64)).save(path)
+    Image.fromarray(render(scene, 72, 48)).save(path)
     return path
 
 
@@ -42,16 +42,16 @@ def test_generate_t2i_writes_images_and_settings(tiny_ckpt, tmp_path):
     from wallaroo.generate import main
 
     out = tmp_path / "t2i"
-    main(["t2i", "--ckpt", str(tiny_ckpt), "--prompt", "a red circle at the top left", "--size", "96x64",
+    main(["t2i", "--ckpt", str(tiny_ckpt), "--prompt", "a red circle at the top left", "--size", "72x48",
           "--num-images", "2", "--seed", "3", "--out", str(out)])  # fmt: skip
     pngs = sorted(out.glob("*.png"))
     assert len(pngs) == 2
-    assert Image.open(pngs[0]).size == (96, 64)
+    assert Image.open(pngs[0]).size == (72, 48)
     settings = json.loads((out / "settings.json").read_text())
-    assert settings["seed"] == 3 and settings["size"] == "96x64" and settings["sampling"]["cfg_scale"] == 3.0
+    assert settings["seed"] == 3 and settings["size"] == "72x48" and settings["sampling"]["cfg_scale"] == 3.0
     # Same settings, same images.
     again = tmp_path / "again"
-    main(["t2i", "--ckpt", str(tiny_ckpt), "--prompt", "a red circle at the top left", "--size", "96x64",
+    main(["t2i", "--ckpt", str(tiny_ckpt), "--prompt", "a red circle at the top left", "--size", "72x48",
           "--num-images", "2", "--seed", "3", "--out", str(again)])  # fmt: skip
     for a, b in zip(pngs, sorted(again.glob("*.png")), strict=True):
         assert np.array_equal(np.asarray(Image.open(a)), np.asarray(Image.open(b)))
@@ -60,7 +60,7 @@ def test_generate_t2i_writes_images_and_settings(tiny_ckpt, tmp_path):
 def test_generate_refuses_sizes_outside_the_buckets(tiny_ckpt, tmp_path):
     from wallaroo.generate import main
 
-    with pytest.raises(ValueError, match="64x64, 96x64, 64x96"):
+    with pytest.raises(ValueError, match="48x48, 72x48, 48x72"):
         main(["t2i", "--ckpt", str(tiny_ckpt), "--prompt", "x", "--size", "512x512", "--out", str(tmp_path)])
 
 
@@ -70,7 +70,7 @@ def test_generate_edit_and_understand(tiny_ckpt, source_png, tmp_path, capsys):
     main(["edit", "--ckpt", str(tiny_ckpt), "--image", str(source_png), "--instruction", "Remove the circle.",
           "--out", str(tmp_path / "edit")])  # fmt: skip
     (edited,) = sorted((tmp_path / "edit").glob("*.png"))
-    assert Image.open(edited).size == (96, 64)
+    assert Image.open(edited).size == (72, 48)
     capsys.readouterr()
     main(["understand", "--ckpt", str(tiny_ckpt), "--image", str(source_png), "--question", "Describe the image.",
           "--max-new-tokens", "5", "--json"])  # fmt: skip
@@ -103,7 +103,7 @@ def test_evaluate_geneval_dpg_imgedit_layouts(tiny_ckpt, source_png, tmp_path):
     prompts = tmp_path / "evaluation_metadata.jsonl"
     prompts.write_text("\n".join(json.dumps(m) for m in meta) + "\n")
     out = tmp_path / "geneval"
-    args = ["geneval", "--ckpt", str(tiny_ckpt), "--prompts", str(prompts), "--out", str(out), "--size", "64x64",
+    args = ["geneval", "--ckpt", str(tiny_ckpt), "--prompts", str(prompts), "--out", str(out), "--size", "48x48",
             "--num-images", "2"]  # fmt: skip
     main(args)
     for i, m in enumerate(meta):
@@ -118,14 +118,14 @@ def test_evaluate_geneval_dpg_imgedit_layouts(tiny_ckpt, source_png, tmp_path):
     csv.write_text("item_id,text,keywords,proposition_id,dependency,category_broad,category_detailed,tuple,"
                    "question_natural_language\nitem1,a red circle,,1,0,entity,whole,x,q?\n"
                    "item1,a red circle,,2,0,entity,whole,x,q2?\n")  # fmt: skip
-    main(["dpg", "--ckpt", str(tiny_ckpt), "--prompts", str(csv), "--out", str(tmp_path / "dpg"), "--size", "64x64"])
-    assert Image.open(tmp_path / "dpg" / "item1.png").size == (128, 128)  # a 2x2 grid of 64x64 tiles
+    main(["dpg", "--ckpt", str(tiny_ckpt), "--prompts", str(csv), "--out", str(tmp_path / "dpg"), "--size", "48x48"])
+    assert Image.open(tmp_path / "dpg" / "item1.png").size == (96, 96)  # a 2x2 grid of 48x48 tiles
 
     edits = tmp_path / "basic_edit.json"
     edits.write_text(json.dumps({"7": {"id": source_png.name, "prompt": "Remove the circle.", "edit_type": "remove"}}))
     main(["imgedit", "--ckpt", str(tiny_ckpt), "--edits", str(edits), "--images", str(source_png.parent),
           "--out", str(tmp_path / "imgedit")])  # fmt: skip
-    assert Image.open(tmp_path / "imgedit" / "7.png").size == (96, 64)
+    assert Image.open(tmp_path / "imgedit" / "7.png").size == (72, 48)
 
 
 def test_evaluate_fid_fails_clearly_without_weights(tmp_path):

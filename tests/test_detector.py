@@ -11,34 +11,32 @@ from datamodules import shapes_world as sw
 from datamodules.shapes_world import ShapeObject, make_scene
 from metrics.detector import detect, image_matches, scene_set
 
-SIZES = [(64, 64), (96, 64), (64, 96)]  # (width, height)
+SIZES = [(48, 48), (72, 48), (48, 72)]  # (width, height): the v2 canvases
 
 
 def test_reads_thousands_of_random_scenes_exactly() -> None:
     rng = np.random.default_rng(2024)
-    n_per_size = 700  # 2100 scenes in all
+    n_per_size = 1500  # 4500 scenes in all
     t0 = time.perf_counter()
     for w, h in SIZES:
         for _ in range(n_per_size):
-            scene = sw.random_scene(rng)
+            scene = sw.random_scene(rng, size=(w, h))
             img = sw.render(scene, w, h)
             assert detect(img) == scene_set(scene), (scene, w, h)
     # Generous bound (spec'd speed is ~1 ms per image); catches an accidental per-pixel Python loop.
     assert time.perf_counter() - t0 < 60
 
 
-def test_every_shape_cell_and_extreme_jitter() -> None:
-    colours = sw.COLOUR_KEYS
-    i = 0
+def test_every_colour_shape_cell_and_offset() -> None:
     for w, h in SIZES:
-        for shape in sw.SHAPE_KEYS:
-            for cell in sw.CELLS:
-                for dy in (-2, 0, 2):
-                    for dx in (-2, 0, 2):
-                        colour = colours[i % len(colours)]
-                        i += 1
-                        scene = (ShapeObject(colour, shape, cell, dy, dx),)
-                        assert detect(sw.render(scene, w, h)) == {(colour, shape, cell)}
+        max_oy, max_ox = sw.max_offsets(w, h)
+        for colour in sw.COLOUR_KEYS:
+            for shape in sw.SHAPE_KEYS:
+                for cell in sw.CELLS:
+                    for oy in range(max_oy + 1):
+                        for ox in range(max_ox + 1):
+                            scene = (ShapeObject(colour, shape, cell, oy, ox),)
+                            assert detect(sw.render(scene, w, h)) == {(colour, shape, cell)}
 
 
 def _negatives(
@@ -52,9 +50,9 @@ def _negatives(
     absent = [s for s in sw.SHAPE_KEYS if s not in {x.shape for x in scene}]
     empty = [c for c in sw.CELLS if c not in {x.cell for x in scene}]
     out = {
-        "colour": rest + (ShapeObject(other_colour, o.shape, o.cell, o.dy, o.dx),),
-        "shape": rest + (ShapeObject(o.colour, absent[0], o.cell, o.dy, o.dx),),
-        "cell": rest + (ShapeObject(o.colour, o.shape, empty[int(rng.integers(len(empty)))], o.dy, o.dx),),
+        "colour": rest + (ShapeObject(other_colour, o.shape, o.cell, o.oy, o.ox),),
+        "shape": rest + (ShapeObject(o.colour, absent[0], o.cell, o.oy, o.ox),),
+        "cell": rest + (ShapeObject(o.colour, o.shape, empty[int(rng.integers(len(empty)))], o.oy, o.ox),),
     }
     if len(scene) >= 2:
         out["fewer"] = rest
@@ -68,7 +66,7 @@ def test_rejects_wrong_colour_shape_cell_count_and_size() -> None:
     rejected = {"colour": 0, "shape": 0, "cell": 0, "fewer": 0, "more": 0, "size": 0}
     for k in range(200):
         w, h = SIZES[k % 3]
-        scene = sw.random_scene(rng)
+        scene = sw.random_scene(rng, size=(w, h))
         img = sw.render(scene, w, h)
         assert image_matches(img, scene, w, h)
         for kind, wrong in _negatives(scene, rng).items():
@@ -81,18 +79,19 @@ def test_rejects_wrong_colour_shape_cell_count_and_size() -> None:
         for w2, h2 in SIZES:
             if (w2, h2) != (w, h):
                 assert not image_matches(img, scene, w2, h2)
-                assert not image_matches(sw.render(scene, w2, h2), scene, w, h)
+                square = tuple(ShapeObject(o.colour, o.shape, o.cell) for o in scene)  # fits every size
+                assert not image_matches(sw.render(square, w2, h2), scene, w, h)
                 rejected["size"] += 1
     assert all(v > 50 for v in rejected.values()), rejected
 
 
 def test_wide_image_is_not_a_tall_image() -> None:
     scene = make_scene([ShapeObject("blue", "circle", (0, 2))])
-    wide = sw.render(scene, 96, 64)
-    assert wide.shape == (64, 96, 3)
-    assert image_matches(wide, scene, 96, 64)
-    assert not image_matches(wide, scene, 64, 96)
-    assert not image_matches(wide[..., 0], scene, 96, 64)  # not an RGB image
+    wide = sw.render(scene, 72, 48)
+    assert wide.shape == (48, 72, 3)
+    assert image_matches(wide, scene, 72, 48)
+    assert not image_matches(wide, scene, 48, 72)
+    assert not image_matches(wide[..., 0], scene, 72, 48)  # not an RGB image
 
 
 def test_blank_and_noise() -> None:
@@ -117,7 +116,7 @@ def test_nearest_palette_colour_tolerates_perturbation() -> None:
     rng = np.random.default_rng(3)
     for k in range(100):
         w, h = SIZES[k % 3]
-        scene = sw.random_scene(rng)
+        scene = sw.random_scene(rng, size=(w, h))
         img = sw.render(scene, w, h).astype(np.int32)
         fg = (img != 255).any(-1)
         img[fg] += rng.integers(-15, 16, size=(int(fg.sum()), 3))
@@ -153,7 +152,7 @@ def test_shape_rules_on_handmade_components() -> None:
 def test_detect_speed(size: tuple[int, int]) -> None:
     w, h = size
     rng = np.random.default_rng(0)
-    imgs = [sw.render(sw.random_scene(rng), w, h) for _ in range(300)]
+    imgs = [sw.render(sw.random_scene(rng, size=size), w, h) for _ in range(300)]
     t0 = time.perf_counter()
     for img in imgs:
         detect(img)

@@ -16,8 +16,8 @@ from metrics.shapes_eval import EditAccuracy, T2IAccuracy, UndAccuracy, to_uint8
 from metrics.vqa import VQAAccuracy, normalize_answer, vqa_score
 
 # Two objects, so that every single-attribute change has room (empty cells, absent shapes).
-BASE = make_scene([ShapeObject("red", "circle", (0, 0)), ShapeObject("blue", "square", (1, 1), 1, -1)])
-W, H = 64, 64
+BASE = make_scene([ShapeObject("red", "circle", (0, 0)), ShapeObject("blue", "square", (1, 1))])
+W, H = 48, 48
 
 
 def _variant(name: str) -> tuple[np.ndarray, dict[str, float]]:
@@ -34,7 +34,7 @@ def _variant(name: str) -> tuple[np.ndarray, dict[str, float]]:
         # A missing object also breaks the colour/shape/cell multisets.
         scene, want = (blue,), {"count": 0.0, "colour": 0.0, "shape": 0.0, "position": 0.0}
     elif name == "size":
-        return sw.render(BASE, 96, 64), {**ok, "size": 0.0}
+        return sw.render(BASE, 72, 48), {**ok, "size": 0.0}
     else:
         raise AssertionError(name)
     return sw.render(make_scene(scene), W, H), {**ok, **want}
@@ -57,18 +57,18 @@ def test_t2i_ground_truth_scores_one_everywhere() -> None:
     values = _values(m)
     assert set(values) == {
         "accuracy", "accuracy_en", "accuracy_zh", "accuracy_n1", "accuracy_n2", "accuracy_n3",
-        "accuracy_64x64", "accuracy_96x64", "accuracy_64x96", "count", "colour", "shape", "position", "size",
+        "accuracy_48x48", "accuracy_72x48", "accuracy_48x72", "count", "colour", "shape", "position", "size",
     }
     assert all(v == 1.0 for v in values.values()), values
     counts = m.counts()
     assert counts["n"] == 36 and counts["n_en"] == counts["n_zh"] == 18
-    assert counts["n_64x64"] == counts["n_96x64"] == counts["n_64x96"] == 12
+    assert counts["n_48x48"] == counts["n_72x48"] == counts["n_48x72"] == 12
     assert counts["n_n1"] + counts["n_n2"] + counts["n_n3"] == 36
     assert m.failures == []
 
 
 def test_t2i_accepts_float_and_uint8_tensors() -> None:
-    samples = [s for s in sw.t2i_samples(12, seed=3) if s["size"] == (96, 64)]
+    samples = [s for s in sw.t2i_samples(12, seed=3) if s["size"] == (72, 48)]
     u8 = torch.from_numpy(np.stack([s["image"] for s in samples])).permute(0, 3, 1, 2)
     args = ([s["scene"] for s in samples], [s["size"] for s in samples], [s["lang"] for s in samples])
     for images in (u8, u8.float() / 127.5 - 1.0):
@@ -87,7 +87,7 @@ def test_t2i_attribute_breakdown(wrong: str) -> None:
     assert {k: values[k] for k in want} == want
     assert len(m.failures) == 1 and m.failures[0]["index"] == 0
     reason = m.failures[0]["reason"]
-    assert ("size 96x64, requested 64x64" in reason) == (wrong == "size")
+    assert ("size 72x48, requested 48x48" in reason) == (wrong == "size")
     assert ("missing" in reason) == (wrong != "size")
 
 
@@ -101,7 +101,7 @@ def test_t2i_mixed_batch_groups_and_failures() -> None:
     assert v["accuracy"] == 0.5
     assert v["accuracy_en"] == 0.5 and v["accuracy_zh"] == 0.5
     assert v["accuracy_n1"] == 1.0 and v["accuracy_n2"] == pytest.approx(1 / 3)
-    assert math.isnan(v["accuracy_n3"]) and math.isnan(v["accuracy_96x64"])  # empty groups
+    assert math.isnan(v["accuracy_n3"]) and math.isnan(v["accuracy_72x48"])  # empty groups
     assert v["colour"] == 0.75 and v["position"] == 0.75 and v["shape"] == 1.0 and v["count"] == 1.0
     assert [(f["index"], f["key"]) for f in m.failures] == [(1, "b"), (3, "d")]
 
@@ -202,7 +202,7 @@ def test_edit_targets_score_one_and_sources_zero() -> None:
 def test_edit_output_must_keep_the_source_size() -> None:
     s = next(iter(sw.edit_samples(1, seed=2)))
     w, h = s["size"]
-    other = (64, 96) if (w, h) != (64, 96) else (96, 64)
+    other = (48, 72) if (w, h) != (48, 72) else (72, 48)
     m = EditAccuracy()
     m.update([sw.render(s["target_scene"], *other)], [s["target_scene"]], [s["size"]], [s["op"]], [s["lang"]])
     v = _values(m)
@@ -224,7 +224,7 @@ def test_tokenizer_ceiling_identity_is_one() -> None:
         return x.clone()
 
     assert tokenizer_ceiling(identity, n=30, seed=0, batch_size=4) == 1.0
-    assert {s[2:] for s in calls} == {(64, 64), (64, 96), (96, 64)}  # all three sizes, batched by size
+    assert {s[2:] for s in calls} == {(48, 48), (48, 72), (72, 48)}  # all three sizes, batched by size
     assert max(s[0] for s in calls) <= 4 and sum(s[0] for s in calls) == 30
 
 
@@ -260,7 +260,7 @@ def test_to_uint8_conversions() -> None:
     assert out.dtype == np.uint8 and out.shape == (1, 2, 3)
     # clamp to [-1, 1], then round((x + 1) * 127.5): 127.5 rounds to even (128), 191.25 -> 191
     assert out.transpose(2, 0, 1).ravel().tolist() == [0, 0, 128, 191, 255, 255]
-    img = sw.render(BASE, 96, 64)
+    img = sw.render(BASE, 72, 48)
     pil = Image.fromarray(img).convert("RGBA")
     arrays = to_uint8([img, torch.from_numpy(img).permute(2, 0, 1), pil])
     assert all(np.array_equal(a, img) for a in arrays)

@@ -416,12 +416,12 @@ LAYOUT_CASES = [
     (tok, lang, size, ds)
     for lang in ("en", "zh")
     for tok, size, ds in [
-        ("tiny_shapes", "64x64", 8),
-        ("tiny_shapes", "96x64", 8),
-        ("tiny_shapes", "64x96", 8),
-        ("qwen_shapes", "64x64", 8),
-        ("qwen_shapes", "96x64", 8),
-        ("qwen_shapes", "64x96", 8),
+        ("tiny_shapes", "48x48", 8),
+        ("tiny_shapes", "72x48", 8),
+        ("tiny_shapes", "48x72", 8),
+        ("qwen_shapes", "48x48", 8),
+        ("qwen_shapes", "72x48", 8),
+        ("qwen_shapes", "48x72", 8),
         ("tiny_512", "704x352", 16),
         ("qwen_512", "704x352", 16),
     ]
@@ -552,14 +552,14 @@ def test_und_image_tags(get_tok):
 
 def test_cfg_drop_keeps_template_and_indicators(get_tok):
     tok, ids = get_tok("tiny_shapes")
-    b = Bucket(w=96, h=64)
+    b = Bucket(w=72, h=48)
     for lang in ("en", "zh"):
         s = build_t2i(
             tok,
             ids,
             PROMPTS[lang],
             b,
-            codes_for(8, 12),
+            codes_for(6, 9),
             lang=lang,
             template_index=0,
             layout="aspect",
@@ -567,7 +567,7 @@ def test_cfg_drop_keeps_template_and_indicators(get_tok):
             drop_prompt=True,
         )
         text = generate_instruction("", b, lang=lang, template_index=0)
-        assert user(text + " ") + " <indicator:64> <indicator:96>" in render(tok, s)
+        assert user(text + " ") + " <indicator:48> <indicator:72>" in render(tok, s)
         e = build_edit(
             tok, ids, INSTRUCTIONS[lang], b, None, 3, lang=lang, template_index=0, ds=8, drop_prompt=True
         )
@@ -590,16 +590,16 @@ def test_builder_errors(get_tok):
     with pytest.raises(ValueError, match="unknown layout"):
         build_t2i(tok, ids, "x", b, None, **{**kw, "layout": "wide"})
     with pytest.raises(ValueError, match="not a multiple of the downsampling 16"):
-        build_t2i(tok, ids, "x", Bucket(w=72, h=64), None, **{**kw, "ds": 16})
-    with pytest.raises(KeyError, match="no indicator token for pixel size 72"):
-        build_t2i(tok, ids, "x", Bucket(w=72, h=64), None, **kw)
+        build_t2i(tok, ids, "x", Bucket(w=120, h=64), None, **{**kw, "ds": 16})
+    with pytest.raises(KeyError, match="no indicator token for pixel size 120"):
+        build_t2i(tok, ids, "x", Bucket(w=120, h=64), None, **kw)
     with pytest.raises(ValueError, match="positive int"):
         build_edit(tok, ids, "x", b, None, 0, lang="en", template_index=0, ds=8)
     with pytest.raises(TypeError, match="prompt must be a str"):
         build_t2i(tok, ids, None, b, None, **kw)
     # Square layout needs no indicator tokens, so any size divisible by ds works.
-    s = build_t2i(tok, ids, "x", Bucket(w=72, h=64), None, **{**kw, "layout": "square"})
-    assert s.grid == (8, 9)
+    s = build_t2i(tok, ids, "x", Bucket(w=120, h=64), None, **{**kw, "layout": "square"})
+    assert s.grid == (8, 15)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -703,16 +703,16 @@ def test_aspect_ratio_512_table():
     assert list(SQUARE_384.values()) == [Bucket(w=384, h=384)] and list(SQUARE_512.values()) == [
         Bucket(w=512, h=512)
     ]
-    assert [str(b) for b in SHAPES_BUCKETS.values()] == ["64x64", "96x64", "64x96"]
+    assert [str(b) for b in SHAPES_BUCKETS.values()] == ["48x48", "72x48", "48x72"]
     assert {s for b in SHAPES_BUCKETS.values() for s in (b.h, b.w)} <= set(INDICATOR_SIZES_SHAPES)
-    assert set(BUCKET_SETS) == {"aspect512", "square64", "square384", "square512", "shapes"}
+    assert set(BUCKET_SETS) == {"aspect512", "square48", "square384", "square512", "shapes"}
 
 
 def test_bucket_basics_and_parse_size():
     b = parse_size("704x352")
     assert b == Bucket(w=704, h=352) and str(b) == "704x352" and b.aspect == 0.5
     assert (b.rows(16), b.cols(16), b.grid(16)) == (22, 44, (22, 44))
-    assert parse_size(" 96 x 64 ", "shapes") == Bucket(w=96, h=64)
+    assert parse_size(" 72 x 48 ", "shapes") == Bucket(w=72, h=48)
     for bad in ("704*352", "704x", "x352", "-4x4", "704x352x3"):
         with pytest.raises(ValueError, match="cannot parse size"):
             parse_size(bad)
@@ -731,9 +731,9 @@ def test_closest_bucket():
     assert closest_bucket(1000, 1070, "aspect512") == Bucket(w=480, h=544)
     assert closest_bucket(2000, 10, ASPECT_RATIO_512) == Bucket(w=704, h=352)  # clamps to the extremes
     assert closest_bucket(10, 2000, ASPECT_RATIO_512) == Bucket(w=352, h=704)
-    assert closest_bucket(300, 200, SHAPES_BUCKETS) == Bucket(w=96, h=64)
-    assert closest_bucket(200, 310, SHAPES_BUCKETS) == Bucket(w=64, h=96)
-    assert closest_bucket(640, 640, "shapes") == Bucket(w=64, h=64)
+    assert closest_bucket(300, 200, SHAPES_BUCKETS) == Bucket(w=72, h=48)
+    assert closest_bucket(200, 310, SHAPES_BUCKETS) == Bucket(w=48, h=72)
+    assert closest_bucket(640, 640, "shapes") == Bucket(w=48, h=48)
     # Ties keep the earlier bucket (exact in binary: |0.5 - 1.25| == |2.0 - 1.25|).
     first, second = Bucket(w=4, h=2), Bucket(w=2, h=4)
     assert closest_bucket(4, 5, [first, second]) == first

@@ -1,4 +1,4 @@
-"""ShapesWorld v1 contract tests (shared/specs/shapes-world.md): rendering, language, edits, samples, shards.
+"""ShapesWorld v2 contract tests (shared/specs/shapes-world.md): rendering, language, edits, samples, shards.
 
 The rendering reference and the string templates below are written out independently of
 ``datamodules.shapes_world`` on purpose: the module must agree with the spec, not with itself.
@@ -35,32 +35,32 @@ SPEC_POS = {
     (1, 0): ("left", "左侧"), (1, 1): ("center", "中间"), (1, 2): ("right", "右侧"),
     (2, 0): ("bottom left", "左下"), (2, 1): ("bottom", "下方"), (2, 2): ("bottom right", "右下"),
 }
-SPEC_SIZES = [(64, 64), (96, 64), (64, 96)]  # (width, height)
+SPEC_SIZES = [(48, 48), (72, 48), (48, 72)]  # (width, height)
 
 
 def reference_render(scene: tuple[ShapeObject, ...], width: int, height: int) -> np.ndarray:
-    """Straightforward per-pixel rendering from the spec's formulas (float bounds, floor centre)."""
+    """Straightforward per-pixel rendering from the spec's formulas (box at the cell corner + 8 * offset)."""
     img = np.full((height, width, 3), 255, dtype=np.uint8)
     for o in scene:
         row, col = o.cell
-        cy = math.floor((row + 0.5) * height / 3)
-        cx = math.floor((col + 0.5) * width / 3)
-        top, left = cy - 8 + o.dy, cx - 8 + o.dx
+        top = row * height // 3 + 8 * o.oy
+        left = col * width // 3 + 8 * o.ox
         for y in range(16):
             for x in range(16):
+                Y, X = y + 0.5, x + 0.5
+                in_box = 1 <= y <= 14 and 1 <= x <= 14
                 if o.shape == "square":
-                    inside = True
+                    inside = in_box
                 elif o.shape == "circle":
-                    inside = (y + 0.5 - 8) ** 2 + (x + 0.5 - 8) ** 2 <= 64
+                    inside = (Y - 8) ** 2 + (X - 8) ** 2 <= 49
                 elif o.shape == "triangle":
-                    inside = abs(x + 0.5 - 8) <= (y + 0.5) / 2
+                    inside = in_box and abs(X - 8) <= Y / 2
                 elif o.shape == "diamond":
-                    inside = abs(x + 0.5 - 8) + abs(y + 0.5 - 8) <= 8
+                    inside = abs(X - 8) + abs(Y - 8) <= 7
                 else:
                     raise AssertionError(o.shape)
-                py, px = top + y, left + x
-                if inside and 0 <= py < height and 0 <= px < width:
-                    img[py, px] = SPEC_RGB[o.colour]
+                if inside:
+                    img[top + y, left + x] = SPEC_RGB[o.colour]
     return img
 
 
@@ -82,31 +82,45 @@ def test_vocabulary_matches_spec() -> None:
 
 def test_shape_mask_pixel_counts() -> None:
     counts = {k: int(m.sum()) for k, m in sw.SHAPE_MASKS.items()}
-    assert counts == {"square": 256, "circle": 208, "triangle": 128, "diamond": 144}
-    assert sw.SHAPE_MASKS["triangle"][0].sum() == 0 and sw.SHAPE_MASKS["triangle"][15].all()  # apex up
+    assert counts == {"square": 196, "circle": 156, "triangle": 112, "diamond": 112}
+    tri = sw.SHAPE_MASKS["triangle"]
+    assert tri[1].sum() == 2 and tri[14, 1:15].all()  # apex up, widest row at the bottom
+    for m in sw.SHAPE_MASKS.values():  # the 1-px white margin
+        assert not m[0].any() and not m[15].any() and not m[:, 0].any() and not m[:, 15].any()
 
 
-def test_cell_centres_are_floored_float_centres() -> None:
-    assert sw.cell_centre((0, 0), 64, 64) == (10, 10)
-    assert sw.cell_centre((2, 2), 64, 64) == (53, 53)
-    assert sw.cell_centre((1, 2), 96, 64) == (32, 80)  # wide: x uses W = 96
-    assert sw.cell_centre((2, 0), 64, 96) == (80, 10)  # tall: y uses H = 96
-    for w, h in SPEC_SIZES:
-        for r, c in sw.CELLS:
-            want = (math.floor((r + 0.5) * h / 3), math.floor((c + 0.5) * w / 3))
-            assert sw.cell_centre((r, c), w, h) == want
+def test_box_origins_and_allowed_offsets() -> None:
+    assert sw.max_offsets(48, 48) == (0, 0)
+    assert sw.max_offsets(72, 48) == (0, 1)  # wide: 24-px columns
+    assert sw.max_offsets(48, 72) == (1, 0)  # tall: 24-px rows
+    assert sw.box_origin(ShapeObject("red", "square", (2, 2)), 48, 48) == (32, 32)
+    assert sw.box_origin(ShapeObject("red", "square", (1, 2), 0, 1), 72, 48) == (16, 56)
+    assert sw.box_origin(ShapeObject("red", "square", (2, 0), 1, 0), 48, 72) == (56, 0)
+    with pytest.raises(ValueError, match="leaves its cell"):
+        sw.render((ShapeObject("red", "square", (0, 0), 0, 1),), 48, 48)
+    with pytest.raises(ValueError, match="48x48, 72x48, 48x72"):
+        sw.render((ShapeObject("red", "square", (0, 0)),), 64, 64)
+    # every box is on the 8-px code grid
+    rng = np.random.default_rng(3)
+    for i in range(300):
+        w, h = SPEC_SIZES[i % 3]
+        for o in sw.random_scene(rng, size=(w, h)):
+            top, left = sw.box_origin(o, w, h)
+            assert top % 8 == 0 and left % 8 == 0
 
 
 @pytest.mark.parametrize("size", SPEC_SIZES, ids=lambda s: f"{s[0]}x{s[1]}")
 def test_render_matches_reference_pixel_for_pixel(size: tuple[int, int]) -> None:
     w, h = size
     rng = np.random.default_rng(1234 + w * 7 + h)
-    scenes = [sw.random_scene(rng) for _ in range(300)]
-    # Every shape in every cell at the extreme jitters, so box edges are exercised everywhere.
+    scenes = [sw.random_scene(rng, size=size) for _ in range(300)]
+    # Every shape in every cell at every allowed offset, so box edges are exercised everywhere.
+    max_oy, max_ox = sw.max_offsets(w, h)
     for shape in sw.SHAPE_KEYS:
         for cell in sw.CELLS:
-            for dy, dx in [(-2, -2), (2, 2), (-2, 2), (2, -2)]:
-                scenes.append((ShapeObject("purple", shape, cell, dy, dx),))
+            for oy in range(max_oy + 1):
+                for ox in range(max_ox + 1):
+                    scenes.append((ShapeObject("purple", shape, cell, oy, ox),))
     for scene in scenes:
         img = sw.render(scene, w, h)
         assert img.shape == (h, w, 3) and img.dtype == np.uint8
@@ -118,7 +132,7 @@ def test_render_only_white_and_palette_and_no_overlap() -> None:
     allowed = {r * 65536 + g * 256 + b for r, g, b in [(255, 255, 255), *SPEC_RGB.values()]}
     for i in range(200):
         w, h = SPEC_SIZES[i % 3]
-        scene = sw.random_scene(rng, 3)
+        scene = sw.random_scene(rng, 3, size=(w, h))
         img = sw.render(scene, w, h)
         packed = img.astype(np.int64) @ np.array([65536, 256, 1])
         assert set(np.unique(packed).tolist()) <= allowed
@@ -126,12 +140,15 @@ def test_render_only_white_and_palette_and_no_overlap() -> None:
         assert int((img != 255).any(-1).sum()) == sum(int(sw.SHAPE_MASKS[o.shape].sum()) for o in scene)
 
 
-def test_render_clips_boxes_to_canvas() -> None:
-    # Not reachable with valid jitter, but render must clip rather than wrap or fail.
-    scene = (ShapeObject("red", "square", (0, 0), 0, 0),)
-    img = sw.render(scene, 12, 12)  # centre (2, 2): box starts at -6
-    assert img.shape == (12, 12, 3)
-    assert (img[:10, :10] == SPEC_RGB["red"]).all() and (img[10:, :] == 255).all()
+def test_v2_has_97_distinct_code_patches() -> None:
+    # The reason for v2: every 8x8 patch is white or one quadrant of one (colour, shape).
+    rng = np.random.default_rng(8)
+    patches = set()
+    for i in range(3000):
+        w, h = SPEC_SIZES[i % 3]
+        img = sw.render(sw.random_scene(rng, size=(w, h)), w, h)
+        patches |= {img[y:y + 8, x:x + 8].tobytes() for y in range(0, h, 8) for x in range(0, w, 8)}
+    assert len(patches) == 1 + 6 * 4 * 4
 
 
 # ---- scenes -------------------------------------------------------------------------------------------
@@ -145,13 +162,17 @@ def test_scene_rules_and_json_round_trip() -> None:
         counts[len(scene)] += 1
         assert [o.cell for o in scene] == sorted(o.cell for o in scene)  # reading order
         assert len({o.cell for o in scene}) == len(scene) == len({o.shape for o in scene})
-        assert all(-2 <= o.dy <= 2 and -2 <= o.dx <= 2 for o in scene)
+        assert all(o.oy == 0 and o.ox == 0 for o in scene)  # 48x48: no placement choice
         data = json.loads(json.dumps(sw.scene_to_json(scene)))
         assert sw.scene_from_json(data) == scene
     assert set(counts) == {1, 2, 3} and min(counts.values()) > 150
-    assert sw.scene_to_json((ShapeObject("red", "circle", (0, 2), -1, 2),)) == [
-        {"colour": "red", "shape": "circle", "cell": [0, 2], "jitter": [-1, 2]}
+    assert sw.scene_to_json((ShapeObject("red", "circle", (0, 2), 1, 0),)) == [
+        {"colour": "red", "shape": "circle", "cell": [0, 2], "offset": [1, 0]}
     ]
+    with pytest.raises(ValueError, match="v1"):
+        sw.scene_from_json([{"colour": "red", "shape": "circle", "cell": [0, 2], "jitter": [1, 0]}])
+    with pytest.raises(ValueError, match="offset out of range"):
+        make_scene([ShapeObject("red", "circle", (0, 0), -1, 0)])
     with pytest.raises(ValueError):
         make_scene([ShapeObject("red", "circle", (0, 0)), ShapeObject("blue", "circle", (1, 1))])
     with pytest.raises(ValueError):
@@ -171,7 +192,7 @@ PINNED_CAPTIONS = [
         "左上有一个红色圆形，中间有一个蓝色正方形",
     ),
     (
-        [ShapeObject("yellow", "diamond", (2, 2), 1, -1)],
+        [ShapeObject("yellow", "diamond", (2, 2), 1, 0)],
         "a yellow diamond at the bottom right",
         "右下有一个黄色菱形",
     ),
@@ -322,7 +343,7 @@ def _instruction(op: str, lang: str, shape: str, colour: str = "", cell: tuple[i
 
 
 def _check_edit(scene: tuple[ShapeObject, ...], op: str, lang: str, instr: str,
-                target: tuple[ShapeObject, ...], size: tuple[int, int] = (96, 64)) -> None:
+                target: tuple[ShapeObject, ...], size: tuple[int, int] = (72, 48)) -> None:
     """Check one edit against the spec: validity, unchanged objects kept exactly, the instruction."""
     src_by_shape = {o.shape: o for o in scene}
     tgt_by_shape = {o.shape: o for o in target}
@@ -332,7 +353,7 @@ def _check_edit(scene: tuple[ShapeObject, ...], op: str, lang: str, instr: str,
     shape = changed.pop()
     a, b = src_by_shape.get(shape), tgt_by_shape.get(shape)
     if op == "recolor":
-        assert a and b and a.colour != b.colour and (a.cell, a.dy, a.dx) == (b.cell, b.dy, b.dx)
+        assert a and b and a.colour != b.colour and (a.cell, a.oy, a.ox) == (b.cell, b.oy, b.ox)
         assert instr == _instruction(op, lang, shape, b.colour)
     elif op == "remove":
         assert a and b is None and len(scene) >= 2
@@ -349,20 +370,20 @@ def _check_edit(scene: tuple[ShapeObject, ...], op: str, lang: str, instr: str,
     src, tgt = sw.render(scene, w, h), sw.render(target, w, h)
     for o in scene:
         if o.shape != shape:
-            cy, cx = sw.cell_centre(o.cell, w, h)
-            box = np.s_[cy - 8 + o.dy:cy + 8 + o.dy, cx - 8 + o.dx:cx + 8 + o.dx]
+            top, left = sw.box_origin(o, w, h)
+            box = np.s_[top:top + 16, left:left + 16]
             np.testing.assert_array_equal(src[box], tgt[box])
 
 
 def test_pinned_edit_instructions() -> None:
     rng = np.random.default_rng(0)
-    two = make_scene([ShapeObject("red", "circle", (0, 0), 1, -1),
-                      ShapeObject("blue", "square", (1, 1), 0, 2)])
+    two = make_scene([ShapeObject("red", "circle", (0, 0), 0, 1),
+                      ShapeObject("blue", "square", (1, 1), 0, 0)])
     instr, target = sw.make_edit(two, "remove", "en", rng)
     assert instr in {"Remove the circle.", "Remove the square."}
     instr, target = sw.make_edit(two, "remove", "zh", rng)
     assert instr in {"删除圆形。", "删除正方形。"}
-    one = make_scene([ShapeObject("red", "circle", (0, 0), 1, -1)])
+    one = make_scene([ShapeObject("red", "circle", (0, 0), 0, 1)])
     instr, target = sw.make_edit(one, "recolor", "en", rng)
     assert re.fullmatch(r"Change the circle to (green|blue|yellow|purple|orange)\.", instr)
     instr, target = sw.make_edit(one, "move", "zh", rng)
@@ -385,27 +406,31 @@ def test_edit_validity_rules() -> None:
         sw.make_edit(one, "rotate", "en", rng)
     seen = Counter()
     for i in range(300):
-        scene = sw.random_scene(rng)
+        size = SPEC_SIZES[i % 3]
+        scene = sw.random_scene(rng, size=size)
         for op in sw.EDIT_OPS:
             for lang in ("en", "zh"):
-                result = sw.make_edit(scene, op, lang, rng)
+                result = sw.make_edit(scene, op, lang, rng, size)
                 if result is None:
                     assert (op == "remove" and len(scene) == 1) or (op == "add" and len(scene) == 3)
                     continue
                 seen[op] += 1
-                _check_edit(scene, op, lang, *result, size=SPEC_SIZES[i % 3])
+                _check_edit(scene, op, lang, *result, size=size)
     assert set(seen) == set(sw.EDIT_OPS)
 
 
-def test_moved_and_added_objects_get_fresh_jitter() -> None:
+@pytest.mark.parametrize("size,offsets", [((48, 48), {(0, 0)}), ((72, 48), {(0, 0), (0, 1)}),
+                                          ((48, 72), {(0, 0), (1, 0)})])
+def test_moved_and_added_objects_get_fresh_offsets(size, offsets) -> None:
     rng = np.random.default_rng(8)
-    jitters = set()
-    scene = make_scene([ShapeObject("red", "circle", (0, 0), 2, 2)])
-    for _ in range(200):
+    seen = set()
+    scene = make_scene([ShapeObject("red", "circle", (0, 0))])
+    for _ in range(100):
         for op in ("move", "add"):
-            _, target = sw.make_edit(scene, op, "en", rng)
-            jitters |= {(o.dy, o.dx) for o in target if o != scene[0]}
-    assert len(jitters) == 25  # every jitter in [-2, 2]^2 occurs
+            _, target = sw.make_edit(scene, op, "en", rng, size)
+            seen |= {(o.oy, o.ox) for o in target if o != scene[0]}
+            sw.render(target, *size)  # every fresh offset fits the canvas
+    assert seen == offsets  # every allowed offset occurs, and no other
 
 
 def test_random_edit_uniform_over_valid_ops() -> None:
@@ -414,9 +439,10 @@ def test_random_edit_uniform_over_valid_ops() -> None:
     for n, ops in valid:
         counts = Counter()
         for i in range(800):
-            scene = sw.random_scene(rng, n)
-            op, instr, target = sw.random_edit(scene, "en", rng)
-            _check_edit(scene, op, "en", instr, target, SPEC_SIZES[i % 3])
+            size = SPEC_SIZES[i % 3]
+            scene = sw.random_scene(rng, n, size=size)
+            op, instr, target = sw.random_edit(scene, "en", rng, size)
+            _check_edit(scene, op, "en", instr, target, size)
             counts[op] += 1
         assert set(counts) == ops
         assert min(counts.values()) > 800 / len(ops) * 0.8
@@ -496,7 +522,8 @@ def test_shard_writer_round_trip(tmp_path: Path) -> None:
         assert set(g) - {"__url__", "__local_path__"} == {"__key__", "png", "json"}
         lang = s["lang"]
         assert g["json"] == {f"caption_{lang}": s["caption"], "lang": lang,
-                             "scene": sw.scene_to_json(s["scene"]), "size": list(s["size"])}
+                             "scene": sw.scene_to_json(s["scene"]), "size": list(s["size"]),
+                             "spec": sw.SPEC_VERSION}
         np.testing.assert_array_equal(g["png"], s["image"])
         assert sw.scene_from_json(g["json"]["scene"]) == s["scene"]
 
@@ -519,7 +546,8 @@ def test_shard_writer_round_trip(tmp_path: Path) -> None:
         lang = s["lang"]
         assert g["json"] == {f"instruction_{lang}": s["instruction"], "lang": lang, "op": s["op"],
                              "scene": sw.scene_to_json(s["scene"]),
-                             "target_scene": sw.scene_to_json(s["target_scene"]), "size": list(s["size"])}
+                             "target_scene": sw.scene_to_json(s["target_scene"]), "size": list(s["size"]),
+                             "spec": sw.SPEC_VERSION}
         np.testing.assert_array_equal(g["src.png"], s["src"])
         np.testing.assert_array_equal(g["tgt.png"], s["tgt"])
 

@@ -65,7 +65,7 @@ def test_token_strings_and_sizes():
         "<|generate_image_pad|>",
     )
     assert list(INDICATOR_SIZES_512) == [352, 640, 384, 672, 704, 416, 608, 576, 448, 480, 544, 512]
-    assert list(INDICATOR_SIZES_SHAPES) == [32, 48, 64, 80, 96, 112, 128, 144, 160, 176, 192, 208]
+    assert list(INDICATOR_SIZES_SHAPES) == [24, 32, 40, 48, 56, 64, 72, 80, 88, 96, 104, 112]
     assert indicator_token(512) == "<indicator:512>"
     assert len(QWEN_SPECIAL_TOKENS) == 22
     strings = special_token_strings(INDICATOR_SIZES_512)
@@ -73,7 +73,7 @@ def test_token_strings_and_sizes():
     assert strings[:22] == list(QWEN_SPECIAL_TOKENS)
     assert strings[22:28] == list(WALLAROO_TOKENS)
     assert strings[28:] == [f"<indicator:{s}>" for s in INDICATOR_SIZES_512]
-    assert wallaroo_token_strings(INDICATOR_SIZES_SHAPES)[-1] == "<indicator:208>"
+    assert wallaroo_token_strings(INDICATOR_SIZES_SHAPES)[-1] == "<indicator:112>"
 
 
 @pytest.mark.parametrize("sizes", [[512] * 12, list(range(1, 12)), [0] + list(range(1, 12))])
@@ -150,7 +150,7 @@ def test_stage4_bpe_split_indicators():
     assert enc(tok, " <indicator:352><indicator:704>") == list(
         I("366 56151 25 18 20 17 1784 56151 25 22 15 19 29")
     )
-    assert enc(tok, " <indicator:48><indicator:64>") == [220, 151672, 151673]
+    assert enc(tok, " <indicator:48><indicator:72>") == [220, 151674, 151677]
 
 
 def test_qwen_loader_errors(tmp_path, tiny):
@@ -228,7 +228,7 @@ def test_tiny_shapes_words(tiny):
         assert len(enc(tiny, " " + word)) == 1, word
     # Chinese is split per character, so colour and shape words stay compositional.
     assert [tiny.decode([i]) for i in enc(tiny, "红色圆形")] == ["红", "色", "圆", "形"]
-    assert enc(tiny, "<|end_of_line>|<indicator:64><indicator:96>") == [986, 990, 992]
+    assert enc(tiny, "<|end_of_line>|<indicator:48><indicator:72>") == [986, 991, 994]
 
 
 def test_tiny_other_sizes_and_speed():
@@ -255,7 +255,7 @@ def test_tokenizer_for_presets():
     from wallaroo.config import get_preset
 
     tok, ids = tokenizer_for(get_preset("tiny"))
-    assert (len(tok), ids.pad, ids.generate_start, ids.indicator(96)) == (1000, 960, 982, 992)
+    assert (len(tok), ids.pad, ids.generate_start, ids.indicator(72)) == (1000, 960, 982, 994)
     tok, ids = tokenizer_for(get_preset("qwen2.5-vl-7b"))  # no pretrained dir: the package's files
     assert (ids.pad, ids.generate_start, ids.indicator(512)) == (151643, 151665, 151682)
     # A config whose layout disagrees with the tokenizer (here: a wrong special_base) fails loudly.

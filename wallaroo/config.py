@@ -17,6 +17,9 @@ import copy
 from dataclasses import asdict, dataclass, field, fields, replace
 from typing import Any
 
+from wallaroo.tokens import INDICATOR_SIZES_512 as _TOKENS_INDICATOR_SIZES_512
+from wallaroo.tokens import INDICATOR_SIZES_SHAPES as _TOKENS_INDICATOR_SIZES_SHAPES
+
 # The vocabulary layout every preset shares (token_layout.md §1): ordinary BPE ids first, then the 22
 # Qwen2.5 special tokens from ``special_base`` on (151643 in the real vocabulary), then the six Wallaroo
 # tokens in the official order, then 12 indicator tokens. Every special id derives from
@@ -191,8 +194,9 @@ class WallarooConfig:
         return cls(**d)
 
 
-INDICATOR_SIZES_512 = [352, 640, 384, 672, 704, 416, 608, 576, 448, 480, 544, 512]
-INDICATOR_SIZES_SHAPES = [16 * k for k in range(2, 14)]
+# One definition of each indicator list (wallaroo.tokens); configs hold them as lists (YAML-friendly).
+INDICATOR_SIZES_512 = list(_TOKENS_INDICATOR_SIZES_512)
+INDICATOR_SIZES_SHAPES = list(_TOKENS_INDICATOR_SIZES_SHAPES)
 
 _QWEN7B_BACKBONE = BackboneConfig(
     vocab_size=152064,

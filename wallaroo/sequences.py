@@ -234,13 +234,13 @@ SQUARE_384: dict[float, Bucket] = {1.0: Bucket(w=384, h=384)}
 SQUARE_512: dict[float, Bucket] = {1.0: Bucket(w=512, h=512)}
 # ShapesWorld: square, wide and tall, keyed by their exact h/w.
 SHAPES_BUCKETS: dict[float, Bucket] = {
-    b.aspect: b for b in (Bucket(w=64, h=64), Bucket(w=96, h=64), Bucket(w=64, h=96))
+    b.aspect: b for b in (Bucket(w=48, h=48), Bucket(w=72, h=48), Bucket(w=48, h=72))
 }
 # ShapesWorld stages 1-2 train on the square canvas only, as the 7B stages 1-2 train on squares.
-SQUARE_64: dict[float, Bucket] = {1.0: Bucket(w=64, h=64)}
+SQUARE_48: dict[float, Bucket] = {1.0: Bucket(w=48, h=48)}
 BUCKET_SETS: dict[str, dict[float, Bucket]] = {
     "aspect512": ASPECT_RATIO_512,
-    "square64": SQUARE_64,
+    "square48": SQUARE_48,
     "square384": SQUARE_384,
     "square512": SQUARE_512,
     "shapes": SHAPES_BUCKETS,

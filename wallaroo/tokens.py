@@ -81,8 +81,9 @@ NUM_INDICATORS = 12
 # Pixel sizes of the 7B indicator tokens (the official `hw_indicator_512_lst`, used in stages 2/3 and
 # all evaluation scripts), in id order 151671..151682. Sizes are pixel sizes, never row/column counts.
 INDICATOR_SIZES_512: tuple[int, ...] = (352, 640, 384, 672, 704, 416, 608, 576, 448, 480, 544, 512)
-# Pixel sizes for the small ShapesWorld presets: 32..208 in steps of 16 (covers 64 and 96).
-INDICATOR_SIZES_SHAPES: tuple[int, ...] = tuple(16 * k for k in range(2, 14))
+# Pixel sizes for the small ShapesWorld presets: 24..112 in steps of 8 (the v2 canvases are 48 and 72 px a
+# side; the rest leaves room for other sizes at the 8x tokenizer).
+INDICATOR_SIZES_SHAPES: tuple[int, ...] = tuple(8 * k for k in range(3, 15))
 
 # The tiny tokenizer's pre-tokenizer regex: Qwen2's (from its tokenizer.json; `\p{N}` alone makes every
 # digit a token) with one change: each Han character is its own pre-token. Qwen's `\p{L}+` keeps a whole
@@ -413,7 +414,7 @@ def _tiny_corpus() -> list[str]:
     lines += [" " + w for w in _COMMON_EN.split()]
     lines += _COMMON_ZH.split()
     lines += list(_COLOURS_EN + _SHAPES_EN + _POSITIONS_EN + _COLOURS_ZH + _SHAPES_ZH + _POSITIONS_ZH)
-    sizes = ("64x64", "96x64", "64x96", "512x512", "704x352")
+    sizes = ("48x48", "72x48", "48x72", "512x512", "704x352")
     for ci, (c_en, c_zh) in enumerate(zip(_COLOURS_EN, _COLOURS_ZH, strict=True)):
         for si, (s_en, s_zh) in enumerate(zip(_SHAPES_EN, _SHAPES_ZH, strict=True)):
             for pi, (p_en, p_zh) in enumerate(zip(_POSITIONS_EN, _POSITIONS_ZH, strict=True)):

@@ -126,7 +126,7 @@ class VQConfig:
 VQ_PRESETS: dict[str, VQConfig] = {
     # LlamaGen vq_ds16_t2i.pt, exactly: 16x downsampling, 16384 x 8 codebook.
     "llamagen-ds16": VQConfig(),
-    # ShapesWorld (64x64, 96x64, 64x96 canvases -> 8x8, 8x12, 12x8 codes): a shallow network (no
+    # ShapesWorld (48x48, 72x48, 48x72 canvases -> 6x6, 6x9, 9x6 codes): a shallow network (no
     # residual blocks in the levels, 16 channels throughout; 84k parameters) learns these flat-colour
     # scenes faster per second than the deeper (1, 2, 4, 8) x 8 one (808k): on 2 cores it runs 0.12 s
     # a step at batch 16 instead of 0.25, for the same progress per step. L1 keeps edges sharper than L2
