@@ -4,7 +4,8 @@ A stage subclass states three things: which parts train (``TRAINABLE``, names fr
 ``wallaroo.freezing.PARTS``), which tasks it mixes (``TASKS``), and which modules it creates
 (``CREATES``: allowed to be missing from ``init_from``). Everything else lives here: building the model
 in ``configure_model``, ``init_from`` loading, freezing, the per-task steps, optimiser groups by rule,
-warm-up + constant/cosine schedules, logging and sample previews.
+warm-up + constant/cosine schedules, logging, sample previews, and skipping steps whose loss or gradients
+are not finite (``max_bad_steps``).
 
 Batches are dicts ``{task: sub_batch}`` (one sub-batch per task, see ``datamodules``). A sub-batch follows
 the ``WallarooModel`` batch contract, plus ``target_images`` / ``source_images`` ``[B, 3, H, W]`` in
@@ -13,6 +14,7 @@ the ``WallarooModel`` batch contract, plus ``target_images`` / ``source_images``
 
 from __future__ import annotations
 
+import logging
 import math
 import time
 from dataclasses import asdict, dataclass, field
@@ -23,11 +25,15 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from wallaroo.cli_errors import RunStopped
 from wallaroo.config import WallarooConfig, get_preset
 from wallaroo.freezing import set_trainable
 from wallaroo.model import WallarooModel
 from wallaroo.parallel import ParallelConfig
 from wallaroo.vq import VQModel, build_vq
+
+log = logging.getLogger(__name__)
+SKIPPED_STEPS_KEY = "wallaroo_skipped_steps"  # checkpoint entry: non-finite steps skipped so far in the run
 
 
 @dataclass
@@ -133,6 +139,7 @@ class WallarooStage(L.LightningModule):
         loss_weights: dict[str, float] | None = None,
         preview: PreviewConfig | None = None,
         parallel: ParallelConfig | None = None,
+        max_bad_steps: int = 20,
     ) -> None:
         """
         Args:
@@ -146,11 +153,18 @@ class WallarooStage(L.LightningModule):
             preview: sample previews logged to TensorBoard.
             parallel: distribution (``fsdp2`` with ``ModelParallelStrategy``, ``fsdp``, ``ddp``) and
                 activation checkpointing; see ``wallaroo.parallel``.
+            max_bad_steps: a step whose loss or gradients are not finite (on any rank) is skipped: no
+                optimiser or scheduler step, gradients zeroed, ``train/skipped_steps`` counts it. After this
+                many in a row the run stops (``wallaroo.cli_errors.RunStopped``) naming the step and the last
+                checkpoint; 0 never stops.
         """
         super().__init__()
         self.optim = optim or OptimConfig()
         self.preview = preview or PreviewConfig()
         self.parallel = parallel or ParallelConfig()
+        if int(max_bad_steps) < 0:
+            raise ValueError(f"max_bad_steps must be >= 0 (0: never stop), got {max_bad_steps}")
+        self.max_bad_steps = int(max_bad_steps)
         # Plain values only: checkpoints must load with torch.load(weights_only=True).
         self.save_hyperparameters(
             {
@@ -161,6 +175,7 @@ class WallarooStage(L.LightningModule):
                 "loss_weights": dict(loss_weights or {}),
                 "preview": asdict(self.preview),
                 "parallel": asdict(self.parallel),
+                "max_bad_steps": self.max_bad_steps,
             }
         )
         self.preset = preset
@@ -178,6 +193,15 @@ class WallarooStage(L.LightningModule):
         self.vq: VQModel | None = None
         self.counts: dict[str, int] = {}
         self._last_time: float | None = None
+        # Non-finite steps (see skip_nonfinite_step).
+        self.skipped_steps = 0  # in the whole run (kept in checkpoints)
+        self.bad_steps_in_a_row = 0
+        self._good_weights_step: int | None = None  # global step whose weights are the last good ones
+        self._last_ckpt_step: int | None = None
+        self._bad_loss: Tensor | None = None  # since the last optimiser step: a non-finite loss went to backward
+        self._bad_task: dict[str, Tensor] = {}  # ... a task's loss was not finite
+        self._batch_tasks: list[str] = []
+        self._skip_scheduler = False
 
     # ------------------------------------------------------------------------------ building
     def build_config(self) -> WallarooConfig:
@@ -234,6 +258,10 @@ class WallarooStage(L.LightningModule):
     def on_fit_start(self) -> None:
         self.log_counts()
 
+    def on_train_start(self) -> None:
+        self._good_weights_step = self.global_step
+        self.bad_steps_in_a_row = 0
+
     def log_counts(self) -> None:
         if self.logger is not None and self.counts:
             for k, v in self.counts.items():
@@ -274,6 +302,9 @@ class WallarooStage(L.LightningModule):
             out = self.model(sub, task, self.codebook)
             weighted = self.loss_weights[task] * out.loss
             total = weighted if total is None else total + weighted
+            if split == "train":  # read by skip_nonfinite_step, without a host sync here
+                bad = ~torch.isfinite(out.loss.detach())
+                self._bad_task[task] = bad if task not in self._bad_task else self._bad_task[task] | bad
             bs = sub["input_ids"].shape[0]
             n_tokens += int(sub["attention_mask"].sum())
             n_samples += bs
@@ -303,6 +334,7 @@ class WallarooStage(L.LightningModule):
         self._last_time = now
 
     def training_step(self, batch: dict[str, dict[str, Tensor]], batch_idx: int) -> Tensor:
+        self._batch_tasks += [t for t in batch if t not in self._batch_tasks]
         loss = self.shared_step(batch, "train")
         sched = self.lr_schedulers()
         if sched is not None:
@@ -367,11 +399,119 @@ class WallarooStage(L.LightningModule):
     def validation_step(self, batch: dict[str, dict[str, Tensor]], batch_idx: int) -> Tensor:
         return self.shared_step(batch, "val")
 
+    def on_before_backward(self, loss: Tensor) -> None:
+        bad = ~torch.isfinite(loss.detach())
+        self._bad_loss = bad if self._bad_loss is None else self._bad_loss | bad
+
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
+        # Lightning calls this after backward and before gradient clipping and the optimiser step.
         params = [p for p in self.model.parameters() if p.grad is not None]
         if params:
             norm = torch.nn.utils.get_total_norm([p.grad for p in params])
             self.log("train/grad_norm", norm)
+        self.skip_nonfinite_step(optimizer, params)
+
+    # ------------------------------------------------------------------------------ non-finite steps
+    def skip_nonfinite_step(self, optimizer: torch.optim.Optimizer, params: list[torch.nn.Parameter]) -> bool:
+        """Skip this optimiser step when the loss or a gradient is not finite on any rank; returns whether.
+
+        Each rank checks its own loss(es) and its own (local shards of the) gradients; one all-reduce of the
+        flags gives every rank the same decision, so DDP/FSDP ranks never diverge and never wait for each
+        other in different places. A skipped step zeroes the gradients (set to ``None``: AdamW leaves the
+        weights and its state untouched, clipping finds nothing), skips the scheduler step
+        (``lr_scheduler_step``), counts ``train/skipped_steps`` and logs the step with the tasks of its batch.
+        The batch is consumed and the step counts towards ``trainer.max_steps``. After ``max_bad_steps`` in a
+        row, raises :class:`~wallaroo.cli_errors.RunStopped`.
+        """
+        tasks = list(self.TASKS) or sorted(self._bad_task)
+        flags = [self._bad_loss, self._local_grads_nonfinite(params)] + [self._bad_task.get(t) for t in tasks]
+        vector = torch.stack(
+            [torch.zeros((), device=self.device) if f is None else f.to(self.device, torch.float32) for f in flags]
+        )
+        if self._trainer is not None:
+            vector = self.trainer.strategy.reduce(vector, reduce_op="sum")
+        counts = [int(round(float(v))) for v in vector.tolist()]  # one host sync per step
+        batch_tasks = list(self._batch_tasks)
+        self._bad_loss, self._bad_task, self._batch_tasks = None, {}, []
+        if not any(counts):
+            self.bad_steps_in_a_row = 0
+            self._skip_scheduler = False
+            self._good_weights_step = self.global_step + 1
+            self.log("train/skipped_steps", float(self.skipped_steps))
+            return False
+        optimizer.zero_grad(set_to_none=True)
+        self._skip_scheduler = True
+        self.skipped_steps += 1
+        self.bad_steps_in_a_row += 1
+        self.log("train/skipped_steps", float(self.skipped_steps))
+        world = self.trainer.world_size if self._trainer is not None else 1
+
+        def where(n: int) -> str:
+            return f" on {n} of {world} ranks" if world > 1 else ""
+
+        what = [f"loss of {t}{where(n)}" for t, n in zip(tasks, counts[2:], strict=True) if n]
+        if counts[0] and not what:
+            what.append(f"loss{where(counts[0])}")
+        if counts[1]:
+            what.append(f"gradients{where(counts[1])}")
+        step = self.global_step
+        message = (
+            f"step {step}: non-finite {' and '.join(what)} (batch of {', '.join(batch_tasks) or '?'}); optimiser "
+            f"and scheduler step skipped, gradients zeroed ({self.bad_steps_in_a_row} in a row, "
+            f"{self.skipped_steps} in the run)"
+        )
+        if self._trainer is None or self.trainer.is_global_zero:
+            log.warning("%s", message)
+            writer = getattr(self.logger, "experiment", None)
+            if writer is not None and hasattr(writer, "add_text"):
+                writer.add_text("train/skipped_steps", message, step)
+        if self.max_bad_steps and self.bad_steps_in_a_row >= self.max_bad_steps:
+            raise RunStopped(self._stop_message(step, what))
+        return True
+
+    def _local_grads_nonfinite(self, params: list[torch.nn.Parameter]) -> Tensor | None:
+        """Whether this rank's gradients (local shards of ``DTensor`` ones) hold an inf or a NaN; ``None``
+        without gradients or under fp16 loss scaling (the GradScaler skips and rescales those steps itself)."""
+        from torch.distributed.tensor import DTensor
+
+        if not params or getattr(getattr(self._trainer, "precision_plugin", None), "scaler", None) is not None:
+            return None
+        grads = [p.grad.to_local() if isinstance(p.grad, DTensor) else p.grad for p in params]
+        # A total norm is finite exactly when every element is (foreach kernels: a few launches, no sync).
+        return ~torch.isfinite(torch.nn.utils.get_total_norm(grads))
+
+    def _stop_message(self, step: int, what: list[str]) -> str:
+        good = self._good_weights_step
+        path, ckpt_step = self._last_checkpoint()
+        if path is None:
+            where = "no checkpoint of this run exists yet"
+        else:
+            at = f" (global step {ckpt_step})" if ckpt_step is not None else ""
+            current = ckpt_step is not None and good is not None and ckpt_step >= good
+            same = ", whose weights are the last good ones" if current else ""
+            where = f"the last checkpoint is {path}{at}{same}"
+        return (
+            f"stopped at global step {step}: {self.bad_steps_in_a_row} steps in a row had a non-finite loss or "
+            f"gradient (max_bad_steps={self.max_bad_steps}; the last: {' and '.join(what)}); no update was "
+            f"applied since global step {good}; {where}"
+        )
+
+    def _last_checkpoint(self) -> tuple[str | None, int | None]:
+        """The newest checkpoint of this run (a ModelCheckpoint's, else the one it resumed from) and its step."""
+        if self._trainer is None:
+            return None, None
+        for cb in self.trainer.checkpoint_callbacks:
+            path = getattr(cb, "_last_checkpoint_saved", "") or getattr(cb, "last_model_path", "")
+            if path:
+                return str(path), self._last_ckpt_step
+        if self.trainer.ckpt_path:
+            return str(self.trainer.ckpt_path), self._last_ckpt_step
+        return None, None
+
+    def lr_scheduler_step(self, scheduler: Any, metric: Any) -> None:
+        if self._skip_scheduler:  # the optimiser step was skipped (skip_nonfinite_step)
+            return
+        super().lr_scheduler_step(scheduler, metric)
 
     # ------------------------------------------------------------------------------ optimiser
     def configure_optimizers(self) -> dict[str, Any]:
@@ -383,7 +523,12 @@ class WallarooStage(L.LightningModule):
             from wallaroo.vq import VQ_STAMP_KEY, vq_stamp
 
             checkpoint[VQ_STAMP_KEY] = vq_stamp(self.vq.config)
+        checkpoint[SKIPPED_STEPS_KEY] = self.skipped_steps
+        self._last_ckpt_step = int(checkpoint.get("global_step", self.global_step))
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         # Resuming (--ckpt_path) restores every weight from the checkpoint: build first if needed.
         self.configure_model()
+        self.skipped_steps = int(checkpoint.get(SKIPPED_STEPS_KEY, 0))
+        if "global_step" in checkpoint:
+            self._last_ckpt_step = int(checkpoint["global_step"])

@@ -9,6 +9,7 @@ import pytest
 import torch
 import yaml
 
+from wallaroo.cli_errors import UsageError
 from wallaroo.fit import STAGES_DIR, main, resolve_stage_path
 
 ALL_YAML = sorted(str(p.relative_to(STAGES_DIR)) for p in STAGES_DIR.rglob("*.yaml"))
@@ -38,13 +39,13 @@ def test_print_config_parses_every_recipe(name, recipe_env, capsys):
 
 def test_bare_stage_names_resolve_and_unknown_fails():
     assert resolve_stage_path("stage1.yaml") == str(STAGES_DIR / "stage1.yaml")
-    with pytest.raises(SystemExit, match="available"):
+    with pytest.raises(UsageError, match="available"):
         resolve_stage_path("stage9.yaml")
 
 
 def test_missing_env_var_fails_before_heavy_work(monkeypatch):
     monkeypatch.delenv("WALLAROO_QWEN_DIR", raising=False)
-    with pytest.raises((SystemExit, Exception)):
+    with pytest.raises(UsageError, match="WALLAROO_QWEN_DIR"):
         main(["--stage", "stage1.yaml", "--print_config"])
 
 

@@ -2,13 +2,19 @@
 
 Official checkpoints (``{"epoch", "global_step", "state_dict"}``, fp32) use transformers-4.51 backbone
 names and the release's module names (with its ``adpater`` spelling). Every official key maps to exactly
-one of ours; anything else is refused by name.
+one of ours; anything else is refused by name. :func:`atomic_torch_save` writes a checkpoint so that a kill
+during the write never leaves a truncated file behind.
 """
 
 from __future__ import annotations
 
+import contextlib
+import glob
 import os
+import tempfile
 from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -79,3 +85,45 @@ def load_weights_file(path: str) -> dict[str, Tensor]:
                 return obj[key]
         return obj
     raise TypeError(f"{path} holds a {type(obj).__name__}, expected a state dict")
+
+
+def _umask() -> int:
+    """The process umask, read without changing it (``os.umask`` would, for a moment, for every thread)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    return 0o022
+
+
+def atomic_torch_save(obj: Any, path: str | os.PathLike[str]) -> None:
+    """``torch.save(obj, path)`` that is all or nothing: the bytes go to a hidden temporary file in the same
+    directory (``.NAME.XXXX.tmp``), are flushed to disk, and ``os.replace`` then puts the file in place in one
+    step. A process killed during the save leaves ``path`` as it was (the previous checkpoint, or nothing);
+    the temporary file it leaves is removed by the next save of the same ``path``."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    for stale in path.parent.glob(f".{glob.escape(path.name)}.*.tmp"):  # left by a save that was killed
+        with contextlib.suppress(OSError):
+            stale.unlink()
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            os.fchmod(f.fileno(), 0o666 & ~_umask())  # mkstemp's 0600 would hide the file from the user's group
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+    # The rename itself reaches the disk with the directory; best effort (not every filesystem allows it).
+    with contextlib.suppress(OSError):
+        dir_fd = os.open(path.parent, os.O_RDONLY)
+        try:
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)
