@@ -31,7 +31,9 @@ Images are checked (PIL ``verify`` then a full decode); JPEG/PNG files in RGB or
 rotation keep their original bytes, everything else (other formats, alpha, CMYK, 16-bit, rotated) is
 re-encoded as JPEG at ``--jpeg-quality`` (``--reencode always``: every image). A sample whose input is
 missing, unreadable or corrupt is skipped with its reason, never fatal; ``OUT/convert_report.json`` and a
-printed table give the counts of this run.
+printed table give the counts of this run. A missing input file or folder (``--images``, ``--captions``,
+``--json``, ...) is a mistake, not a run of skips: one line naming it, exit status 2 (``--debug`` shows the
+traceback; ``wallaroo.cli_errors``).
 
 Resuming: a shard is written as ``*.tar.tmp`` and renamed when complete, then recorded with its sample
 keys in ``OUT/.done`` (JSON Lines). A re-run skips the keys recorded there (their images are not even
@@ -60,6 +62,8 @@ from typing import Any
 
 import webdataset as wds
 from PIL import Image, ImageOps
+
+from wallaroo.cli_errors import require_path, run_cli
 
 INDEX_FILE = ".done"
 REPORT_FILE = "convert_report.json"
@@ -771,9 +775,21 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+# name -> the inputs checked before anything is read: (argument, option, "file" | "dir")
+INPUTS: dict[str, tuple[tuple[str, str, str], ...]] = {
+    "t2i": (("images", "--images", "dir"), ("captions", "--captions", "file")),
+    "imagenet": (("root", "--root", "dir"), ("classes", "--classes", "file")),
+    "und": (("json", "--json", "file"), ("images", "--images", "dir")),
+    "edit": (("json", "--json", "file"), ("images", "--images", "dir")),
+}
+
+
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
-    """Run one converter; returns the report (also in ``OUT/convert_report.json``)."""
+    """Run one converter; returns the report (also in ``OUT/convert_report.json``). A missing input file or
+    folder is refused up front (``UsageError``), not reported as every sample skipped."""
     args = build_parser().parse_args(argv)
+    for attr, option, kind in INPUTS[args.command]:
+        require_path(getattr(args, attr), option, kind)
     if not 1 <= args.jpeg_quality <= 100:
         raise SystemExit(f"--jpeg-quality must be in 1..100, got {args.jpeg_quality}")
     task, _, _, items = SUBCOMMANDS[args.command]
@@ -783,5 +799,10 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     )  # fmt: skip
 
 
+def cli(argv: Sequence[str] | None = None) -> int:
+    """The command line: ``main`` with one-line errors (``wallaroo.cli_errors``); returns the exit status."""
+    return run_cli(main, argv, prog="python -m datamodules.convert")
+
+
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    sys.exit(cli())

@@ -25,6 +25,8 @@ into one ``.safetensors`` file of ``model.*`` / ``vq.*`` keys (``init_from``, ``
     python -m wallaroo.convert consolidate --ckpt runs/stage2/last.ckpt --out runs/stage2/last.safetensors
 
 Subcommands are entries of ``SUBCOMMANDS`` (name -> (add_arguments, run)); adding one is adding an entry.
+Mistakes (a missing or unreadable input) end in one line and exit status 2; ``--debug`` shows the
+traceback (``wallaroo.cli_errors``).
 """
 
 from __future__ import annotations
@@ -35,6 +37,8 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import torch
+
+from wallaroo.cli_errors import require_path, run_cli
 
 DTYPES: dict[str, torch.dtype | None] = {
     "keep": None,
@@ -78,6 +82,12 @@ def _write(args: argparse.Namespace, *, official: bool) -> Path:
         vq_from_state,
     )
 
+    require_path(args.ckpt, "--ckpt")
+    for path, option in ((args.qwen, "--qwen"), (args.vq, "--vq")):
+        if path is not None:
+            require_path(path, option)
+    if args.tokenizer not in (None, "tiny"):
+        require_path(args.tokenizer, "--tokenizer", "dir")
     loaded = load_any(args.ckpt, qwen_dir=args.qwen, tokenizer=args.tokenizer)
     if official and loaded.source != SOURCE_OFFICIAL:
         raise SystemExit(
@@ -128,6 +138,7 @@ def _add_consolidate(p: argparse.ArgumentParser) -> None:
 def run_consolidate(args: argparse.Namespace) -> Path:
     from wallaroo.parallel import consolidate_checkpoint
 
+    require_path(args.ckpt, "--ckpt", "dir")
     out = consolidate_checkpoint(args.ckpt, args.out, dtype=DTYPES[args.dtype])
     print(f"wrote {out}")
     return out
@@ -168,5 +179,10 @@ def main(argv: Sequence[str] | None = None) -> Path:
     return SUBCOMMANDS[args.command][2](args)
 
 
+def cli(argv: Sequence[str] | None = None) -> int:
+    """The command line: ``main`` with one-line errors (``wallaroo.cli_errors``); returns the exit status."""
+    return run_cli(main, argv, prog="python -m wallaroo.convert")
+
+
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    sys.exit(cli())

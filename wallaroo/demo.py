@@ -259,5 +259,13 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def cli(argv: list[str] | None = None) -> int:
+    """The command line: ``main`` with one-line errors (``wallaroo.cli_errors``; ``--debug`` shows the
+    traceback); returns the exit status."""
+    from wallaroo.cli_errors import run_cli
+
+    return run_cli(main, argv, prog="python -m wallaroo.demo")
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(cli())

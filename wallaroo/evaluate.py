@@ -10,7 +10,8 @@
 training data's), prints a table, and writes ``metrics.json`` (``t2i_accuracy``, ``und_accuracy``,
 ``edit_accuracy``, ``tokenizer_ceiling`` and the breakdowns), ``grid.png`` and ``failures.json``. The
 benchmark sub-commands write the layouts the official scorers read, with the paper's settings as
-defaults, and skip finished items when re-run.
+defaults, and skip finished items when re-run. Mistakes (a missing file, a size outside the buckets) end in
+one line and exit status 2; ``--debug`` shows the traceback (``wallaroo.cli_errors``).
 """
 
 from __future__ import annotations
@@ -26,7 +27,8 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw, ImageFont
 
-from wallaroo.generate import DTYPES, load_pipeline
+from wallaroo.cli_errors import require_path, run_cli
+from wallaroo.generate import DTYPES, checked_bucket, load_pipeline
 from wallaroo.pipeline import WallarooPipeline
 from wallaroo.sampling import SamplingConfig
 
@@ -262,7 +264,9 @@ def cmd_shapes(args: argparse.Namespace) -> int:
 def cmd_geneval(args: argparse.Namespace) -> int:
     from metrics.benchmarks import run_geneval
 
+    require_path(args.prompts, "--prompts", "file")
     pipe = load_pipeline(args.ckpt, args.device, args.dtype, args.qwen, args.vq)
+    checked_bucket(pipe, args.size)
     sampling = SamplingConfig(cfg_scale=args.cfg, top_k=args.top_k, top_p=args.top_p, seed=args.seed)
     counts = run_geneval(args.prompts, args.out, _generate_fn(pipe, args.size, sampling, args.batch_size),
                          n_images=args.num_images)  # fmt: skip
@@ -273,9 +277,10 @@ def cmd_geneval(args: argparse.Namespace) -> int:
 def cmd_dpg(args: argparse.Namespace) -> int:
     from metrics.benchmarks import run_dpg_bench
 
+    require_path(args.prompts, "--prompts")
     pipe = load_pipeline(args.ckpt, args.device, args.dtype, args.qwen, args.vq)
     sampling = SamplingConfig(cfg_scale=args.cfg, top_k=args.top_k, top_p=args.top_p, seed=args.seed)
-    tile = int(args.size.lower().split("x")[0])
+    tile = checked_bucket(pipe, args.size).w
     counts = run_dpg_bench(args.prompts, args.out, _generate_fn(pipe, args.size, sampling, args.batch_size),
                            tile_size=tile)  # fmt: skip
     print(json.dumps(counts, indent=1, default=str))
@@ -285,6 +290,8 @@ def cmd_dpg(args: argparse.Namespace) -> int:
 def cmd_imgedit(args: argparse.Namespace) -> int:
     from metrics.benchmarks import run_imgedit
 
+    require_path(args.edits, "--edits", "file")
+    require_path(args.images, "--images", "dir")
     pipe = load_pipeline(args.ckpt, args.device, args.dtype, args.qwen, args.vq)
     sampling = SamplingConfig(cfg_scale=args.cfg, top_k=args.top_k, top_p=args.top_p, seed=args.seed)
 
@@ -299,6 +306,8 @@ def cmd_imgedit(args: argparse.Namespace) -> int:
 def cmd_fid(args: argparse.Namespace) -> int:
     from metrics.fidelity import build_feature_extractor, clip_score, compute_fidelity, load_image_folder
 
+    require_path(args.generated, "--generated", "dir")
+    require_path(args.reference, "--reference", "dir")
     try:
         features = build_feature_extractor("inception", args.inception)
         logits = build_feature_extractor("inception-logits", args.inception)
@@ -384,5 +393,10 @@ def main(argv: list[str] | None = None) -> int:
     return args.func(args)
 
 
+def cli(argv: list[str] | None = None) -> int:
+    """The command line: ``main`` with one-line errors (``wallaroo.cli_errors``); returns the exit status."""
+    return run_cli(main, argv, prog="python -m wallaroo.evaluate")
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(cli())

@@ -8,7 +8,8 @@
 ``CKPT`` is a Lightning checkpoint of any stage, a weights directory (``wallaroo.convert``), a consolidated
 ``.safetensors`` file or an official Wallaroo checkpoint (with ``--qwen``). Sizes are width x height and
 must be one of the model's buckets. Every run writes its PNGs and a ``settings.json`` recording every
-setting, so any image can be reproduced.
+setting, so any image can be reproduced. Mistakes (a missing file, a size outside the buckets) end in one
+line and exit status 2; ``--debug`` shows the traceback (``wallaroo.cli_errors``).
 """
 
 from __future__ import annotations
@@ -23,8 +24,10 @@ import numpy as np
 import torch
 from PIL import Image
 
+from wallaroo.cli_errors import UsageError, require_path, run_cli
 from wallaroo.pipeline import PipelineConfig, WallarooPipeline
 from wallaroo.sampling import SamplingConfig
+from wallaroo.sequences import Bucket
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -40,12 +43,24 @@ def load_pipeline(
     """A ``WallarooPipeline`` over any loadable weights; fails clearly when no VQ tokenizer is known."""
     from wallaroo.weights import build_from_weights
 
+    require_path(ckpt, "--ckpt")
+    for path, option in ((qwen, "--qwen"), (vq, "--vq")):
+        if path is not None:
+            require_path(path, option)
     model, vq_model, tok, ids = build_from_weights(
         ckpt, device=device, dtype=DTYPES[dtype], qwen_dir=qwen, vq_path=vq
     )
     if vq_model is None:
         raise SystemExit(f"{ckpt} carries no VQ tokenizer weights: pass --vq (e.g. LlamaGen's vq_ds16_t2i.pt)")
     return WallarooPipeline(model.eval(), vq_model, tok, ids, PipelineConfig(layout=layout))
+
+
+def checked_bucket(pipe: WallarooPipeline, size: str) -> Bucket:
+    """``pipe.bucket(size)``, a ``UsageError`` (listing the model's sizes) for a size it does not have."""
+    try:
+        return pipe.bucket(size)
+    except ValueError as e:
+        raise UsageError(f"--size {size}: {e}") from e
 
 
 def sampling_from_args(args: argparse.Namespace, greedy_default: bool = False) -> SamplingConfig:
@@ -83,7 +98,7 @@ def cmd_t2i(args: argparse.Namespace) -> int:
         raise SystemExit("give exactly one of --prompt or --prompts-file")
     prompts = [args.prompt] if args.prompt else read_prompts(args.prompts_file)
     pipe = load_pipeline(args.ckpt, args.device, args.dtype, args.qwen, args.vq, args.layout)
-    bucket = pipe.bucket(args.size)
+    bucket = checked_bucket(pipe, args.size)
     sampling = sampling_from_args(args)
     images = pipe.text_to_image(prompts, bucket, sampling, args.num_images, args.batch_size)
     out = Path(args.out)
@@ -98,6 +113,7 @@ def cmd_t2i(args: argparse.Namespace) -> int:
 
 
 def cmd_edit(args: argparse.Namespace) -> int:
+    require_path(args.image, "--image", "file")
     pipe = load_pipeline(args.ckpt, args.device, args.dtype, args.qwen, args.vq, args.layout)
     source = read_image(args.image)
     sampling = sampling_from_args(args)
@@ -110,6 +126,7 @@ def cmd_edit(args: argparse.Namespace) -> int:
 
 
 def cmd_understand(args: argparse.Namespace) -> int:
+    require_path(args.image, "--image", "file")
     pipe = load_pipeline(args.ckpt, args.device, args.dtype, args.qwen, args.vq)
     sampling = sampling_from_args(args, greedy_default=True)
     answer = pipe.understand([read_image(args.image)], [args.question], sampling, args.max_new_tokens)[0]
@@ -121,6 +138,7 @@ def cmd_understand(args: argparse.Namespace) -> int:
 
 
 def read_prompts(path: str) -> list[str]:
+    require_path(path, "--prompts-file", "file")
     lines = [line.strip() for line in Path(path).read_text(encoding="utf-8").splitlines()]
     prompts = [line for line in lines if line]
     if not prompts:
@@ -189,5 +207,10 @@ def main(argv: list[str] | None = None) -> int:
     return args.func(args)
 
 
+def cli(argv: list[str] | None = None) -> int:
+    """The command line: ``main`` with one-line errors (``wallaroo.cli_errors``); returns the exit status."""
+    return run_cli(main, argv, prog="python -m wallaroo.generate")
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(cli())
