@@ -137,13 +137,13 @@ def test_every_shapes_step_runs_and_chains(recipe_env):
 
     from wallaroo.generate import main as generate
 
-    generate(["t2i", "--ckpt", str(ckpt), "--prompt", "a red circle at the top left", "--size", "64x96",
+    generate(["t2i", "--ckpt", str(ckpt), "--prompt", "a red circle at the top left", "--size", "48x72",
               "--out", str(root / "gen_t2i")])  # fmt: skip
-    assert Image.open(next((root / "gen_t2i").glob("*.png"))).size == (64, 96)
+    assert Image.open(next((root / "gen_t2i").glob("*.png"))).size == (48, 72)
     source = next((root / "gen_t2i").glob("*.png"))
     generate(["edit", "--ckpt", str(ckpt), "--image", str(source), "--instruction", "Remove the circle.",
               "--out", str(root / "gen_edit")])  # fmt: skip
-    assert Image.open(next((root / "gen_edit").glob("*.png"))).size == (64, 96)
+    assert Image.open(next((root / "gen_edit").glob("*.png"))).size == (48, 72)
     generate(["understand", "--ckpt", str(ckpt), "--image", str(source), "--question", "图中有几个图形？",
               "--max-new-tokens", "3"])  # fmt: skip
 
