@@ -150,6 +150,7 @@ class WallarooPipeline:
                 "t2i",
                 step,
                 num_images=num_images,
+                eol=self.layout == "aspect",  # the square layout (stages 1-2) is trained without EOL
             )
             out += self.decode(codes)
         return out

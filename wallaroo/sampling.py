@@ -428,6 +428,7 @@ def generate_images(
     num_images: int = 1,
     full_recompute: bool = False,
     on_logits: LogitsHook | None = None,
+    eol: bool = True,
 ) -> Tensor:
     """Sample a ``rows x cols`` grid of VQ codes per prompt; returns LongTensor ``[B * num_images, R, C]``
     in raster order (row-major), images of prompt i at ``i*num_images .. i*num_images + num_images - 1``.
@@ -442,7 +443,8 @@ def generate_images(
 
     Every code is fed back to both branches through the task's adapter. After each row but the last an
     ``<|end_of_line>|`` embedding is forced as its own step (never sampled); its output predicts the
-    first code of the next row. ``on_logits(code_index, logits[B', K])`` sees the guided logits before
+    first code of the next row. ``eol=False`` is the square layout of stages 1-2 (token_layout §3), whose
+    training sequences have no end-of-line tokens: rows follow each other directly, as they were trained. ``on_logits(code_index, logits[B', K])`` sees the guided logits before
     filtering (tests and debugging). ``full_recompute`` uses ``RecomputeDecoder`` (slow reference).
     """
     sampling = sampling or SamplingConfig()
@@ -469,7 +471,7 @@ def generate_images(
     n_rows = 2 * b if guided else b
     device = batch["input_ids"].device
     head = model.head(task)
-    eol = torch.full((n_rows,), cfg.special_id("eol"), dtype=torch.long, device=device)
+    eol_ids = torch.full((n_rows,), cfg.special_id("eol"), dtype=torch.long, device=device)
     codes = torch.empty(b, rows, cols, dtype=torch.long, device=device)
     generator = sampling.generator(device)
 
@@ -479,7 +481,7 @@ def generate_images(
             decoder = RecomputeDecoder(model, batch, codebook, task)
         else:
             # Inputs after the prefill: every code but the last, plus R - 1 end-of-line tokens.
-            budget = rows * cols - 1 + rows - 1
+            budget = rows * cols - 1 + (rows - 1 if eol else 0)
             decoder = CachedDecoder(
                 model, batch, codebook, task, max(budget, 1), sampling.static_cache, sampling.compile
             )
@@ -497,14 +499,14 @@ def generate_images(
                 if r == rows - 1 and c == cols - 1:
                     break
                 hidden = decoder.feed_codes(torch.cat([code, code]) if guided else code)
-            if r < rows - 1:
+            if eol and r < rows - 1:
                 if isinstance(decoder, CachedDecoder):
                     # The forced end-of-line embedding is the same at every row: compute it once.
                     if eol_embed is None:
-                        eol_embed = model.embed_tokens(eol)
+                        eol_embed = model.embed_tokens(eol_ids)
                     hidden = decoder.feed(eol_embed)
                 else:
-                    hidden = decoder.feed_tokens(eol)
+                    hidden = decoder.feed_tokens(eol_ids)
     return codes
 
 
