@@ -41,12 +41,12 @@ CJK_FONTS = (
 
 # ------------------------------------------------------------------------------------------ shapes
 
-# ShapesEval's default sampling (the demo, and the CLI's defaults). Not greedy: a prompt fixes the scene
-# but not the objects' jitter, so the first code of an object is spread over several places and at
-# every place the white-background code is the single most likely one; greedy decoding then draws
-# blank canvases. Sampling picks one placement and the codes after it follow. In a stage-2 trial
-# (600 steps) greedy scored 0.00 and top-k 50 0.05 on the same model.
-SHAPES_SAMPLING = {"cfg_scale": 3.0, "top_k": 50, "top_p": 1.0, "temperature": 1.0}
+# ShapesEval's default sampling (the demo, and the CLI's defaults): greedy (top-k 1) under CFG 3. In
+# ShapesWorld v2 a prompt fixes every code of a 48x48 scene (and all but a one-step offset on 72x48 / 48x72:
+# after a white code where the object could start, it must start at the next), so sampling at temperature 1
+# only adds wrong codes. (v1 sampled with top-k 50: its jitter spread each object's first code over 25
+# places, where white was always the single likeliest code and greedy drew blank canvases.)
+SHAPES_SAMPLING = {"cfg_scale": 3.0, "top_k": 1, "top_p": 1.0, "temperature": 1.0}
 
 
 def evaluate_shapes(
