@@ -42,16 +42,17 @@ class Step:
 
 
 STEPS: tuple[Step, ...] = (
-    # Full-run steps sized for ~17 min on an idle 2-core CPU. The tokenizer and the VLM pre-training do
+    # Full-run steps sized for ~20 min on an idle 2-core CPU. The tokenizer and the VLM pre-training do
     # not depend on each other, so they run side by side on one core each (measured s/step on one core:
-    # vq 0.16 at batch 8, pretrain 0.5 at batch 16); then stages 1-4 get both cores (stage2 1.4 s/step).
+    # vq 0.16 at batch 8, pretrain 0.5 at batch 16); then stages 1-4 get both cores. Text-to-image is
+    # learnt in stage 2 (LLM trainable); stage 1 only aligns the new adapter and head to a frozen LLM.
     # Each fit also costs ~10 s of start-up and each ShapesEval 10-90 s.
-    Step("vq", "shapes/vq.yaml", 2800, 120, (), "the image tokenizer", wave=0),
-    Step("pretrain", "shapes/pretrain.yaml", 900, 15, ("und",), "understanding (the small VLM)", wave=0),
-    Step("stage1", "shapes/stage1.yaml", 40, 5, ("t2i",), "first images (64x64)", wave=1),
-    Step("stage2", "shapes/stage2.yaml", 60, 5, ("t2i", "und"), "understanding with generation", wave=2),
-    Step("stage3", "shapes/stage3.yaml", 50, 5, ("t2i", "und"), "all three sizes", wave=3),
-    Step("stage4", "shapes/stage4.yaml", 50, 5, ("t2i", "und", "edit"), "editing", wave=4),
+    Step("vq", "shapes/vq.yaml", 2400, 120, (), "the image tokenizer", wave=0),
+    Step("pretrain", "shapes/pretrain.yaml", 800, 15, ("und",), "understanding (the small VLM)", wave=0),
+    Step("stage1", "shapes/stage1.yaml", 20, 5, ("t2i",), "first images (48x48)", wave=1),
+    Step("stage2", "shapes/stage2.yaml", 220, 5, ("t2i", "und"), "text-to-image with understanding", wave=2),
+    Step("stage3", "shapes/stage3.yaml", 80, 5, ("t2i", "und"), "all three sizes", wave=3),
+    Step("stage4", "shapes/stage4.yaml", 80, 5, ("t2i", "und", "edit"), "editing", wave=4),
 )
 KEYS = ("tokenizer_ceiling", "t2i_accuracy", "und_accuracy", "edit_accuracy")
 
@@ -131,7 +132,7 @@ def run_parallel(jobs: list[tuple[str, list[str], Path]], env: dict[str, str]) -
         raise SystemExit("command(s) failed:\n" + "\n".join(failed))
 
 
-def evaluate_step(step: Step, out: Path, samples: int, seed: int) -> dict[str, Any]:
+def evaluate_step(step: Step, out: Path, samples: int, seed: int, device: str = "cpu") -> dict[str, Any]:
     """ShapesEval of one step's checkpoint (in-process: the model is small)."""
     from wallaroo.evaluate import evaluate_shapes
     from wallaroo.generate import load_pipeline
@@ -140,7 +141,7 @@ def evaluate_step(step: Step, out: Path, samples: int, seed: int) -> dict[str, A
     eval_dir = out / step.name / "eval"
     if step.name == "vq":
         return evaluate_tokenizer(ckpt, eval_dir, samples, seed)
-    pipe = load_pipeline(str(ckpt))
+    pipe = load_pipeline(str(ckpt), device=device)
     return evaluate_shapes(pipe, eval_dir, samples, seed, tasks=list(step.tasks), log=print)
 
 
@@ -217,10 +218,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0, help="training data seed")
     parser.add_argument("--eval-seed", type=int, default=1234)
     parser.add_argument("--steps", default=",".join(s.name for s in STEPS), help="subset of steps to run")
+    parser.add_argument("--accelerator", default="auto", choices=["auto", "cpu", "gpu"],
+                        help="where the fits and evaluations run (auto: a GPU when CUDA is available)")
     args = parser.parse_args(argv)
+    accelerator = args.accelerator
+    if accelerator == "auto":
+        import torch
+
+        accelerator = "gpu" if torch.cuda.is_available() else "cpu"
 
     out = Path(args.out).resolve()
-    samples = args.samples or (500 if args.quick else 6000)  # 20000: ~2 min of writing alone
+    # 12000: a third of them (the 48x48 ones) feed stages 1-2, ~3 epochs of stage 2 (fewer overfit).
+    samples = args.samples or (500 if args.quick else 12000)
     eval_samples = args.eval_samples or (24 if args.quick else 200)
     wanted = args.steps.split(",")
     env = dict(os.environ, WALLAROO_SHAPES=str(out), PYTHONUNBUFFERED="1")
@@ -240,7 +249,8 @@ def main(argv: list[str] | None = None) -> int:
         for step in steps:
             n = step.quick_steps if args.quick else step.steps
             print(f"\n== {step.name}: {step.teaches} ({n} steps, {time.perf_counter() - t0:.0f}s so far)")
-            cmd = [sys.executable, "-m", "wallaroo.fit", "--stage", step.recipe, "--trainer.max_steps", str(n)]
+            cmd = [sys.executable, "-m", "wallaroo.fit", "--stage", step.recipe, "--trainer.max_steps", str(n),
+                   "--trainer.accelerator", accelerator]
             if args.quick:
                 cmd += ["--model.init_args.preview.every_n_steps", "0"] if step.name != "vq" else []
             jobs.append((step.name, cmd, out / step.name / "fit.log"))
@@ -248,7 +258,8 @@ def main(argv: list[str] | None = None) -> int:
             run_parallel(jobs, env)
         for step in steps:
             print(f"== evaluating {step.name}")
-            results[step.name] = evaluate_step(step, out, eval_samples, args.eval_seed)
+            device = "cuda" if accelerator == "gpu" else "cpu"
+            results[step.name] = evaluate_step(step, out, eval_samples, args.eval_seed, device)
 
     print("\n" + results_table(results))
     results_chart(results, out / "results.png")

@@ -1,6 +1,6 @@
 """``python -m wallaroo.generate``: text-to-image, editing and understanding from any checkpoint.
 
-    python -m wallaroo.generate t2i --ckpt CKPT --prompt "a red circle at the top left" --size 96x64 \\
+    python -m wallaroo.generate t2i --ckpt CKPT --prompt "a red circle at the top left" --size 72x48 \\
         --num-images 4 --cfg 3 --top-k 1000 --seed 0 --out samples/
     python -m wallaroo.generate edit --ckpt CKPT --image in.png --instruction "Remove the circle." --out out/
     python -m wallaroo.generate understand --ckpt CKPT --image in.png --question "Describe the image." [--json]
