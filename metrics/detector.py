@@ -119,7 +119,7 @@ def detect(image: np.ndarray) -> frozenset[Triple]:
 
 
 def scene_set(scene: Scene) -> frozenset[Triple]:
-    """A ShapesWorld scene as the detector's set of ``(colour, shape, cell)`` (jitter dropped)."""
+    """A ShapesWorld scene as the detector's set of ``(colour, shape, cell)`` (offset dropped)."""
     return scene_triples(scene)
 
 
