@@ -444,7 +444,8 @@ def make_edit(
     Validity (spec): recolor - the new colour differs (always possible); remove - 2+ objects;
     add - the shape is absent, the cell empty, at most 2 objects before; move - the target cell is
     empty. Unchanged and recoloured objects keep their exact offset (hence pixels); moved and added
-    objects get a fresh offset allowed on ``size = (width, height)``. The named object, new colour, shape and cell are drawn from ``rng``.
+    objects get a fresh offset allowed on ``size = (width, height)``. The named object, new colour, shape
+    and cell are drawn from ``rng``.
     """
     _check_lang(lang)
     en = lang == "en"

@@ -7,7 +7,6 @@ The rendering reference and the string templates below are written out independe
 from __future__ import annotations
 
 import json
-import math
 import re
 from collections import Counter
 from pathlib import Path

@@ -444,7 +444,8 @@ def generate_images(
     Every code is fed back to both branches through the task's adapter. After each row but the last an
     ``<|end_of_line>|`` embedding is forced as its own step (never sampled); its output predicts the
     first code of the next row. ``eol=False`` is the square layout of stages 1-2 (token_layout §3), whose
-    training sequences have no end-of-line tokens: rows follow each other directly, as they were trained. ``on_logits(code_index, logits[B', K])`` sees the guided logits before
+    training sequences have no end-of-line tokens: rows follow each other directly, as they were trained.
+    ``on_logits(code_index, logits[B', K])`` sees the guided logits before
     filtering (tests and debugging). ``full_recompute`` uses ``RecomputeDecoder`` (slow reference).
     """
     sampling = sampling or SamplingConfig()
