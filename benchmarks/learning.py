@@ -72,9 +72,20 @@ class Ours:
         self.cfg = get_preset("shapes", buckets="square48", t2i_layout="square", **over)
         self.tok, self.ids = tokenizer_for(self.cfg)
         self.model = model = WallarooModel(self.cfg)
+        if a.init_from:  # a stage checkpoint (e.g. the understanding pre-training) instead of a random start
+            from wallaroo.weights import load_any
+
+            state = load_any(a.init_from, config=self.cfg).model_state
+            model.load_state_dict({k: v for k, v in state.items() if not k.startswith(("pixel_", "edit_"))})
         self.a = a
         gen = torch.Generator().manual_seed(1)
         self.codebook = torch.randn(self.cfg.codebook_size, self.cfg.codebook_dim, generator=gen)
+        # Oracle id -> the code the model sees; identity unless --vq gives a trained tokenizer's codes.
+        self.to_code = torch.arange(self.cfg.codebook_size)
+        if a.vq:
+            self.codebook, self.to_code = trained_codes(a.vq, self.cfg.codebook_size)
+        self.from_code = torch.full((self.cfg.codebook_size,), -1, dtype=torch.long)
+        self.from_code[self.to_code[:N_CODES]] = torch.arange(N_CODES)
         if a.embed == "learned":  # a lookup table instead of gen_adapter over the 8-d codebook
             emb = nn.Embedding(self.cfg.codebook_size, model.hidden_size)
             nn.init.normal_(emb.weight, std=a.embed_std or 0.02)
@@ -115,9 +126,9 @@ class Ours:
             lang, drop = self.langs[i % len(self.langs)], self.prng.random() < self.a.cfg_drop
             text = "" if drop else sw.caption(sc, lang)
             if self.a.prompt == "bare":
-                samples.append(self._bare(text, oracle_codes(sc)))
+                samples.append(self._bare(text, self.to_code[oracle_codes(sc)]))
             else:
-                samples.append(build_t2i(self.tok, self.ids, sw.caption(sc, lang), BUCKET, oracle_codes(sc), lang=lang,
+                samples.append(build_t2i(self.tok, self.ids, sw.caption(sc, lang), BUCKET, self.to_code[oracle_codes(sc)], lang=lang,
                                          template_index=self.prng.randrange(self.a.templates), layout="square", ds=8,
                                          drop_prompt=drop))
         out = self.model(collate(samples, self.ids.pad), "t2i", self.codebook)
@@ -135,7 +146,32 @@ class Ours:
         greedy = SamplingConfig(cfg_scale=1.0, top_k=1)
         codes = generate_images(self.model, self.codebook, cond, None, (H // 8, W // 8), "t2i", greedy, eol=False)
         self.model.train()
-        return codes
+        return self.from_code[codes]
+
+
+def trained_codes(path: str, codebook_size: int) -> tuple[Tensor, Tensor]:
+    """A trained ``shapes-ds8`` tokenizer's codebook and the code it gives each of the 97 oracle patches
+    (read by encoding one object of every colour and shape); fails unless the 97 patches get 97 codes."""
+    from wallaroo.vq import VQ_PRESETS, build_vq
+    from wallaroo.weights import load_vq_file
+
+    vq = build_vq("shapes-ds8")
+    vq.load_state_dict(load_vq_file(path, VQ_PRESETS["shapes-ds8"]))
+    vq.eval()
+    to_code = torch.arange(codebook_size)
+    with torch.no_grad():
+        for c in sw.COLOUR_KEYS:
+            for s in sw.SHAPE_KEYS:
+                scene = [sw.ShapeObject(c, s, (0, 0), 0, 0)]
+                img = torch.from_numpy(sw.render(scene, W, H).astype(np.float32) / 127.5 - 1).permute(2, 0, 1)
+                codes, _ = vq.encode(img[None])
+                to_code[0] = int(codes[0, -1, -1])  # a white patch
+                for q, (dy, dx) in enumerate(((0, 0), (0, 1), (1, 0), (1, 1))):
+                    to_code[PATCH_IDS[(c, s, q)]] = int(codes[0, dy, dx])
+        codebook = vq.quantize.embedding.weight.detach().clone()
+    if len(set(to_code[:N_CODES].tolist())) != N_CODES:
+        raise SystemExit(f"{path}: the tokenizer gives the 97 ShapesWorld patches fewer than 97 codes")
+    return codebook, to_code
 
 
 # ------------------------------------------------------------------------------------------ baseline
@@ -152,6 +188,7 @@ class PlainCausalLM(nn.Module):
         self.blocks = nn.TransformerEncoder(layer, depth, enable_nested_tensor=False)
         self.norm = nn.LayerNorm(width)
         self.out = nn.Linear(width, N_CODES)
+        self.heads = heads
 
     def forward(self, words: Tensor, real: Tensor, codes: Tensor) -> Tensor:
         """``words`` left-padded ``[B, L]`` ending in the image-start token, ``real`` its mask, ``codes``
@@ -160,8 +197,13 @@ class PlainCausalLM(nn.Module):
         keep = torch.cat([real, torch.ones_like(codes, dtype=torch.bool)], 1)
         pos = (keep.long().cumsum(1) - 1).clamp(min=0)
         t = x.shape[1]
-        causal = torch.ones(t, t, dtype=torch.bool).triu(1)
-        h = self.blocks(x + self.pos(pos), mask=causal, src_key_padding_mask=~keep)
+        # One boolean mask (True = blocked): the future, and pad keys, except that every place sees itself, so
+        # the rows of left pads are not fully masked (those give NaN in PyTorch's inference fast path, and
+        # the NaN spread into the real rows: every greedy decode was wrong while the training loss fell).
+        blocked = torch.ones(t, t, dtype=torch.bool).triu(1)[None] | ~keep[:, None, :]
+        blocked &= ~torch.eye(t, dtype=torch.bool)[None]
+        mask = blocked.repeat_interleave(self.heads, 0)
+        h = self.blocks(x + self.pos(pos), mask=mask)
         return self.out(self.norm(h[:, words.shape[1] - 1:]))
 
 
@@ -254,6 +296,8 @@ def main() -> None:
     ap.add_argument("--embed-std", type=float, default=0.0, help="re-init the token embedding with this std")
     ap.add_argument("--init", default="preset", choices=["preset", "torch", "torch-linear"])
     ap.add_argument("--head", default="mlp", choices=["mlp", "linear"])
+    ap.add_argument("--vq", default=None, help="ours sees this trained tokenizer's codes and codebook")
+    ap.add_argument("--init-from", default=None, help="start ours from this checkpoint's weights")
     ap.add_argument("--override", action="append", default=[], help="model config override KEY=VALUE")
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
