@@ -181,3 +181,37 @@ def test_initializer_range_sets_the_random_init_of_the_backbone() -> None:
         assert abs(float(q.std()) - std) < 0.1 * std
     over = get_preset("tiny", **{"backbone.initializer_range": 0.05})
     assert over.backbone.to_hf(over.special_base).initializer_range == 0.05
+    # The CLI's dotted ``--model.init_args.overrides.backbone.rope_theta 100`` arrives nested.
+    nested = get_preset("tiny", backbone={"rope_theta": 100.0, "initializer_range": 0.05})
+    assert nested.backbone.rope_theta == 100.0 and nested.backbone.initializer_range == 0.05
+    assert nested.backbone.vocab_size == get_preset("tiny").backbone.vocab_size
+    with pytest.raises(ValueError, match="backbone.nope"):
+        get_preset("tiny", backbone={"nope": 1})
+
+
+def test_stage4_edit_from_gen_copies_the_trained_generation_modules(tmp_path):
+    """``edit_from_gen``: the editing modules that ``init_from`` lacks start as copies of gen_adapter /
+    gen_head; without it they keep their own random initialisation."""
+    from stages.stage2 import Stage2
+    from stages.stage4 import Stage4
+
+    prev = Stage2(preset="tiny")
+    prev.configure_model()
+    with torch.no_grad():
+        for p in list(prev.model.gen_adapter.parameters()) + list(prev.model.gen_head.parameters()):
+            p.add_(0.5)  # "trained": unlike any fresh initialisation
+    ckpt = tmp_path / "stage2.ckpt"
+    torch.save({"state_dict": {f"model.{k}": v for k, v in prev.model.state_dict().items()}}, ckpt)
+
+    copied = Stage4(preset="tiny", init_from=str(ckpt), edit_from_gen=True)
+    copied.configure_model()
+    assert copied.created_fresh == ("pixel_adapter", "edit_adapter", "edit_head")
+    m = copied.model
+    for new, old in (("edit_adapter", "gen_adapter"), ("pixel_adapter", "gen_adapter"), ("edit_head", "gen_head")):
+        for (k, a), b in zip(getattr(m, new).state_dict().items(), getattr(m, old).state_dict().values()):
+            torch.testing.assert_close(a, b, msg=f"{new}.{k}")
+    assert m.edit_head[2].weight.data_ptr() != m.gen_head[2].weight.data_ptr()  # copies, not shared
+
+    fresh = Stage4(preset="tiny", init_from=str(ckpt))
+    fresh.configure_model()
+    assert not torch.equal(fresh.model.edit_head[2].weight, fresh.model.gen_head[2].weight)

@@ -157,6 +157,8 @@ class WallarooConfig:
     vit_max_pixels: int = 254_016
     vit_image_mean: list[float] | None = None
     vit_image_std: list[float] | None = None
+    # Laptop presets: one fixed ViT resize factor instead of smart_resize's pixel bounds (images.VitImageProcessor).
+    vit_scale: float | None = None
     pixel_mask_ratio: float = 0.6
     attn_implementation: str | None = None
 
@@ -169,6 +171,11 @@ class WallarooConfig:
     def with_overrides(self, **overrides: Any) -> WallarooConfig:
         """Return a copy with top-level fields (or ``backbone.<field>`` keys) replaced; unknown keys fail."""
         cfg = copy.deepcopy(self)
+        overrides = dict(overrides)
+        nested = overrides.pop("backbone", None)  # the CLI's ``overrides.backbone.<field>`` arrives nested
+        if nested is not None and not isinstance(nested, dict):
+            raise ValueError(f"backbone overrides must be a mapping of its fields, got {nested!r}")
+        overrides.update({f"backbone.{k}": v for k, v in (nested or {}).items()})
         backbone_over = {k.split(".", 1)[1]: v for k, v in overrides.items() if k.startswith("backbone.")}
         top = {k: v for k, v in overrides.items() if not k.startswith("backbone.")}
         known = {f.name for f in fields(WallarooConfig)}
