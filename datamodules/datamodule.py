@@ -403,6 +403,7 @@ class WallarooDataModule(L.LightningDataModule):
                 vit_max_pixels=cfg.vit_max_pixels,
                 vit_image_mean=None if cfg.vit_image_mean is None else tuple(cfg.vit_image_mean),
                 vit_image_std=None if cfg.vit_image_std is None else tuple(cfg.vit_image_std),
+                vit_scale=cfg.vit_scale,
             )
         return fields
 

@@ -187,6 +187,7 @@ class TaskSpec:
     vit_max_pixels: int = 254_016
     vit_image_mean: tuple[float, ...] | None = None
     vit_image_std: tuple[float, ...] | None = None
+    vit_scale: float | None = None
 
     def __post_init__(self) -> None:
         if self.task not in TASKS:
@@ -407,7 +408,8 @@ class SampleBuilder:
         self.vit: VitImageProcessor | None = None
         if not spec.images_only and spec.task in ("und", "edit"):
             self.vit = VitImageProcessor(
-                spec.vit_min_pixels, spec.vit_max_pixels, image_mean=spec.vit_image_mean, image_std=spec.vit_image_std
+                spec.vit_min_pixels, spec.vit_max_pixels, image_mean=spec.vit_image_mean, image_std=spec.vit_image_std,
+                scale=spec.vit_scale,
             )
 
     def __call__(self, raw: dict[str, Any], rng: random.Random, *, train: bool) -> list[Item]:

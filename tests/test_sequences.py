@@ -809,3 +809,32 @@ def test_vit_processor_normalisation_follows_the_config():
     # A bad value in a recipe fails when the model config is built.
     with pytest.raises(ValueError, match="vit_image_std"):
         get_preset("shapes", vit_image_std=[0.5, 0.5])
+
+
+def test_vit_processor_fixed_scale_puts_one_merged_token_on_each_code():
+    """``vit_scale`` 3.5 (the ``shapes`` preset): 8 px -> 28 px, so each merged ViT token covers one 8x8 VQ
+    code cell exactly, at every ShapesWorld size; sizes the factor cannot align fail, naming the size."""
+    proc = VitImageProcessor(112 * 112, 168 * 168, scale=3.5)
+    for w, h in SHAPES_BUCKETS_SIZES:
+        assert proc.resized_size(w, h) == (w * 7 // 2, h * 7 // 2)
+        assert proc.num_tokens(w, h) == (w // 8) * (h // 8)
+        img = np.full((h, w, 3), 255, dtype=np.uint8)
+        img[8:16, 16:24] = (255, 0, 0)  # one red code cell: row 1, column 2
+        pv, grid = proc([img])
+        assert grid.tolist() == [[1, h // 8 * 2, w // 8 * 2]]
+        # Rows come in merged 2x2 groups (4 patches each), groups in raster order: the red cell's group is
+        # the only one that is not white, and all of its 4 patches are red.
+        groups = pv.view(-1, 4, 3, 2, 14, 14)
+        white = groups[0, 0, :, 0, 0, 0]
+        not_white = (groups - white[None, None, :, None, None, None]).abs().flatten(1).amax(1) > 1e-6
+        assert not_white.nonzero().flatten().tolist() == [1 * (w // 8) + 2]
+        red = groups[1 * (w // 8) + 2]  # [4 patches, 3, 2, 14, 14]: every pixel of every patch red
+        assert bool(((red - white[None, :, None, None, None]).abs().flatten(1).amax(1) > 1e-6).all())
+        assert bool((red == red[0, :, 0, 0, 0][None, :, None, None, None]).all())
+    with pytest.raises(ValueError, match="50x48"):
+        proc.num_tokens(50, 48)
+    with pytest.raises(ValueError, match="positive"):
+        VitImageProcessor(3136, 12845056, scale=0)
+
+
+SHAPES_BUCKETS_SIZES = ((48, 48), (72, 48), (48, 72))

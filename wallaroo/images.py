@@ -46,6 +46,9 @@ class VitImageProcessor:
     ``min_pixels``/``max_pixels`` bound the resized area (``smart_resize`` with factor
     ``patch_size · merge_size``); the LLM sees ``grid_h·grid_w / merge_size²`` tokens per image.
     ``image_mean``/``image_std`` normalise the /255 pixels per channel (default: Qwen's CLIP values).
+    ``scale`` (laptop presets) replaces ``smart_resize`` by one fixed factor for every image (nearest
+    neighbour), so that the patch grid lands on a known pixel grid (ShapesWorld: 8 px -> 28 px, one merged
+    token per VQ code); the scaled sides must be multiples of ``patch_size · merge_size``.
     """
 
     def __init__(
@@ -56,6 +59,7 @@ class VitImageProcessor:
         merge_size: int = 2,
         image_mean: Sequence[float] | None = None,
         image_std: Sequence[float] | None = None,
+        scale: float | None = None,
     ) -> None:
         if not 0 < min_pixels <= max_pixels:
             raise ValueError(f"need 0 < min_pixels <= max_pixels, got {min_pixels}, {max_pixels}")
@@ -64,6 +68,9 @@ class VitImageProcessor:
         self.max_pixels = int(max_pixels)
         self.patch_size = int(patch_size)
         self.merge_size = int(merge_size)
+        if scale is not None and not scale > 0:
+            raise ValueError(f"vit_scale must be positive, got {scale}")
+        self.scale = None if scale is None else float(scale)
         # Imported here: the processor module pulls in transformers' processing stack (seconds), which
         # code that only imports this module (e.g. for num_tokens in a config) should not pay for.
         from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
@@ -86,6 +93,7 @@ class VitImageProcessor:
             cfg.vit_max_pixels if max_pixels is None else max_pixels,
             image_mean=cfg.vit_image_mean,
             image_std=cfg.vit_image_std,
+            scale=cfg.vit_scale,
         )
 
     @property
@@ -100,6 +108,14 @@ class VitImageProcessor:
 
     def resized_size(self, w: int, h: int) -> tuple[int, int]:
         """``(w', h')`` the processor resizes a ``w x h`` image to."""
+        if self.scale is not None:
+            w2, h2 = round(w * self.scale), round(h * self.scale)
+            if w2 % self.factor or h2 % self.factor:
+                raise ValueError(
+                    f"vit_scale {self.scale:g} makes a {w}x{h} image {w2}x{h2}; both sides must be multiples of "
+                    f"{self.factor}"
+                )
+            return w2, h2
         from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import smart_resize
 
         h2, w2 = smart_resize(
@@ -123,7 +139,11 @@ class VitImageProcessor:
         pil = [self._to_pil(img, i) for i, img in enumerate(images)]
         if not pil:
             return torch.zeros(0, self.patch_dim), torch.zeros(0, 3, dtype=torch.long)
-        out = self._processor(pil, return_tensors="pt")
+        if self.scale is not None:  # fixed factor: resized here, the processor only normalises and patches
+            pil = [img.resize(self.resized_size(*img.size), Image.Resampling.NEAREST) for img in pil]
+            out = self._processor(pil, return_tensors="pt", do_resize=False)
+        else:
+            out = self._processor(pil, return_tensors="pt")
         pixel_values = out["pixel_values"].to(torch.float32)
         grid = out["image_grid_thw"].to(torch.long)
         return pixel_values, grid
