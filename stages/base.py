@@ -240,10 +240,15 @@ class WallarooStage(L.LightningModule):
         from wallaroo.weights import load_any, load_vq_file
 
         cfg = self.model_config
+        # The modules this stage creates that init_from does not carry (all of them without init_from).
+        self.created_fresh: tuple[str, ...] = self.CREATES
         if self.init_from:
             loaded = load_any(self.init_from, config=cfg)
             created = tuple(f"{c}." for c in self.CREATES)
             result = self.model.load_state_dict(loaded.model_state, strict=False)
+            self.created_fresh = tuple(
+                c for c in self.CREATES if any(k.startswith(f"{c}.") for k in result.missing_keys)
+            )
             missing = [k for k in result.missing_keys if not k.startswith(created)]
             if missing or result.unexpected_keys:
                 raise ValueError(

@@ -172,10 +172,8 @@ class WallarooConfig:
         """Return a copy with top-level fields (or ``backbone.<field>`` keys) replaced; unknown keys fail."""
         cfg = copy.deepcopy(self)
         overrides = dict(overrides)
-        nested = overrides.pop("backbone", None)  # the CLI's ``overrides.backbone.<field>`` arrives nested
-        if nested is not None and not isinstance(nested, dict):
-            raise ValueError(f"backbone overrides must be a mapping of its fields, got {nested!r}")
-        overrides.update({f"backbone.{k}": v for k, v in (nested or {}).items()})
+        if isinstance(overrides.get("backbone"), dict):  # the CLI's ``overrides.backbone.<field>`` arrives nested
+            overrides.update({f"backbone.{k}": v for k, v in overrides.pop("backbone").items()})
         backbone_over = {k.split(".", 1)[1]: v for k, v in overrides.items() if k.startswith("backbone.")}
         top = {k: v for k, v in overrides.items() if not k.startswith("backbone.")}
         known = {f.name for f in fields(WallarooConfig)}
