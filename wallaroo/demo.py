@@ -48,13 +48,14 @@ STEPS: tuple[Step, ...] = (
     # learnt in stage 2 (LLM trainable), which gets most of the time; stage 1 only aligns the new adapter
     # and head to a frozen LLM. Measured for these numbers: the tokenizer ceiling is 0.985 after 800 steps,
     # 0.995 after 1200, 1.000 after 2400; understanding 0.385 after 400 pre-training steps, 0.405 after 800.
-    # Each fit also costs ~10 s of start-up and each ShapesEval 10-90 s.
+    # Each fit also costs ~10 s of start-up and each ShapesEval 10-90 s. A run with stage 2 at 560 steps
+    # (1.0-1.4 s a step) scored t2i 0.015 / und 0.44 after it but would have taken ~22 min in all.
     Step("vq", "shapes/vq.yaml", 1200, 120, (), "the image tokenizer", wave=0),
     Step("pretrain", "shapes/pretrain.yaml", 400, 15, ("und",), "understanding (the small VLM)", wave=0),
     Step("stage1", "shapes/stage1.yaml", 20, 5, ("t2i",), "first images (48x48)", wave=1),
-    Step("stage2", "shapes/stage2.yaml", 560, 5, ("t2i", "und"), "text-to-image with understanding", wave=2),
-    Step("stage3", "shapes/stage3.yaml", 80, 5, ("t2i", "und"), "all three sizes", wave=3),
-    Step("stage4", "shapes/stage4.yaml", 80, 5, ("t2i", "und", "edit"), "editing", wave=4),
+    Step("stage2", "shapes/stage2.yaml", 460, 5, ("t2i", "und"), "text-to-image with understanding", wave=2),
+    Step("stage3", "shapes/stage3.yaml", 60, 5, ("t2i", "und"), "all three sizes", wave=3),
+    Step("stage4", "shapes/stage4.yaml", 60, 5, ("t2i", "und", "edit"), "editing", wave=4),
 )
 KEYS = ("tokenizer_ceiling", "t2i_accuracy", "und_accuracy", "edit_accuracy")
 
