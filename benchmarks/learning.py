@@ -128,7 +128,8 @@ class Ours:
             if self.a.prompt == "bare":
                 samples.append(self._bare(text, self.to_code[oracle_codes(sc)]))
             else:
-                samples.append(build_t2i(self.tok, self.ids, sw.caption(sc, lang), BUCKET, self.to_code[oracle_codes(sc)], lang=lang,
+                codes = self.to_code[oracle_codes(sc)]
+                samples.append(build_t2i(self.tok, self.ids, sw.caption(sc, lang), BUCKET, codes, lang=lang,
                                          template_index=self.prng.randrange(self.a.templates), layout="square", ds=8,
                                          drop_prompt=drop))
         out = self.model(collate(samples, self.ids.pad), "t2i", self.codebook)

@@ -208,7 +208,7 @@ def test_stage4_edit_from_gen_copies_the_trained_generation_modules(tmp_path):
     assert copied.created_fresh == ("pixel_adapter", "edit_adapter", "edit_head")
     m = copied.model
     for new, old in (("edit_adapter", "gen_adapter"), ("pixel_adapter", "gen_adapter"), ("edit_head", "gen_head")):
-        for (k, a), b in zip(getattr(m, new).state_dict().items(), getattr(m, old).state_dict().values()):
+        for (k, a), b in zip(getattr(m, new).state_dict().items(), getattr(m, old).state_dict().values(), strict=True):
             torch.testing.assert_close(a, b, msg=f"{new}.{k}")
     assert m.edit_head[2].weight.data_ptr() != m.gen_head[2].weight.data_ptr()  # copies, not shared
 
