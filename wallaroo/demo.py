@@ -42,7 +42,8 @@ class Step:
 
 
 STEPS: tuple[Step, ...] = (
-    # Full-run steps sized for ~20 min on an idle 2-core CPU. The tokenizer and the VLM pre-training do
+    # Full-run steps sized for ~20 min on an idle 2-core CPU at ~1.0 s a stage-2 step (the same host at 1.5 s a
+    # step took 24.4 min: README). The tokenizer and the VLM pre-training do
     # not depend on each other, so they run side by side on one core each (measured s/step on one core:
     # vq 0.14 at batch 8, pretrain 0.5 at batch 16); then stages 1-4 get both cores. Text-to-image is
     # learnt in stage 2 (LLM trainable), which gets most of the time; stage 1 only aligns the new adapter
