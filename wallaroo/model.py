@@ -40,9 +40,36 @@ def mlp_adapter(in_dim: int, hidden: int) -> nn.Sequential:
     return nn.Sequential(nn.Linear(in_dim, hidden), nn.GELU(), nn.Linear(hidden, hidden))
 
 
-def image_head(hidden: int, codebook_size: int) -> nn.Sequential:
-    """Linear(H, H) - GELU - Linear(H, K, no bias): next-code logits from the last hidden state."""
+def image_head(hidden: int, codebook_size: int, kind: str = "mlp") -> nn.Sequential:
+    """Next-code logits from the last hidden state. ``"mlp"`` (the paper's): Linear(H, H) - GELU - Linear(H, K,
+    no bias); ``"linear"`` (a laptop-preset choice, ``WallarooConfig.image_head``): one Linear(H, K, no bias)."""
+    if kind == "linear":
+        return nn.Sequential(nn.Linear(hidden, codebook_size, bias=False))
+    if kind != "mlp":
+        raise ValueError(f"unknown image_head {kind!r}; expected 'mlp' or 'linear'")
     return nn.Sequential(nn.Linear(hidden, hidden), nn.GELU(), nn.Linear(hidden, codebook_size, bias=False))
+
+
+def canvas_position_features(image_grid_thw: Tensor, merge: int, dim: int) -> Tensor:
+    """Fixed sin/cos features ``[sum of merged tokens, dim]`` of each merged ViT token's place on its canvas.
+
+    Tokens come in raster order of the merged grid ``(t, h / merge, w / merge)`` per image (the order of
+    ``get_image_features``). Row and column become fractions ``(i + 0.5) / n`` of their grid, so a place means
+    the same on every canvas size; half of ``dim`` carries the row, half the column, each as sin and cos at
+    ``dim / 4`` frequencies from 1/2 to 4 turns across the canvas.
+    """
+    quarter = dim // 4
+    freqs = torch.pi * torch.logspace(0, 3, quarter, base=2.0)  # 1/2 .. 4 turns over the unit interval
+    rows = []
+    for t, h, w in image_grid_thw.tolist():
+        gh, gw = h // merge, w // merge
+        y = ((torch.arange(gh) + 0.5) / gh)[:, None].expand(gh, gw).reshape(-1)
+        x = ((torch.arange(gw) + 0.5) / gw)[None, :].expand(gh, gw).reshape(-1)
+        ay, ax = y[:, None] * freqs, x[:, None] * freqs
+        one = torch.cat([ay.sin(), ay.cos(), ax.sin(), ax.cos()], dim=1)
+        rows.append(one.repeat(t, 1))
+    out = torch.cat(rows)
+    return torch.nn.functional.pad(out, (0, dim - out.shape[1]))
 
 
 def pick_attn_implementation(requested: str | None = None) -> str:
@@ -108,7 +135,7 @@ class WallarooModel(nn.Module):
         hidden = self.backbone.config.text_config.hidden_size
         self.hidden_size = hidden
         self.gen_adapter = mlp_adapter(cfg.codebook_dim, hidden)
-        self.gen_head = image_head(hidden, cfg.codebook_size)
+        self.gen_head = image_head(hidden, cfg.codebook_size, cfg.image_head)
         if cfg.edit:
             self.add_edit_modules()
         self.gen_pad_id = cfg.special_id("generate_image_pad")
@@ -134,7 +161,7 @@ class WallarooModel(nn.Module):
         hidden, cfg = self.hidden_size, self.cfg
         self.pixel_adapter = mlp_adapter(cfg.codebook_dim, hidden).to(device=device, dtype=dtype)
         self.edit_adapter = mlp_adapter(cfg.codebook_dim, hidden).to(device=device, dtype=dtype)
-        self.edit_head = image_head(hidden, cfg.codebook_size).to(device=device, dtype=dtype)
+        self.edit_head = image_head(hidden, cfg.codebook_size, cfg.image_head).to(device=device, dtype=dtype)
         self.cfg.edit = True
 
     @property
@@ -182,7 +209,12 @@ class WallarooModel(nn.Module):
     def vit_features(self, pixel_values: Tensor, image_grid_thw: Tensor) -> Tensor:
         """Merged ViT features, one row per LLM image token, images concatenated in order."""
         out = self.backbone.model.get_image_features(pixel_values, image_grid_thw, return_dict=True)
-        return torch.cat(list(out.pooler_output), dim=0)
+        feats = torch.cat(list(out.pooler_output), dim=0)
+        if self.cfg.vit_position_scale:
+            merge = self.backbone.config.vision_config.spatial_merge_size
+            pos = canvas_position_features(image_grid_thw, merge, feats.shape[-1])
+            feats = feats + self.cfg.vit_position_scale * pos.to(device=feats.device, dtype=feats.dtype)
+        return feats
 
     def mask_latents(self, latents: Tensor, counts: list[int], ratio: float) -> Tensor:
         """MAE-style random masking per sample: ``int(n * (1 - ratio))`` rows kept, the rest set to -1."""

@@ -356,9 +356,11 @@ def config_from_qwen_dir(
             tokenizer = str(qwen_dir)
         elif special_base != QWEN_SPECIAL_BASE:
             tokenizer = "tiny"
-    codebook_size, codebook_dim, edit = 16384, 8, False
+    codebook_size, codebook_dim, edit, image_head = 16384, 8, False, "mlp"
     if model_state is not None:
-        head = model_state.get("gen_head.2.weight")
+        # The paper's MLP head ends in gen_head.2; a one-Linear head (``image_head: linear``) is gen_head.0 only.
+        image_head = "mlp" if "gen_head.2.weight" in model_state else "linear"
+        head = model_state.get("gen_head.2.weight" if image_head == "mlp" else "gen_head.0.weight")
         adapter = model_state.get("gen_adapter.0.weight")
         if head is None or adapter is None:
             raise ValueError("the checkpoint lacks gen_head / gen_adapter weights")
@@ -370,6 +372,7 @@ def config_from_qwen_dir(
         vq="llamagen-ds16",
         codebook_size=codebook_size,
         codebook_dim=codebook_dim,
+        image_head=image_head,
         special_base=special_base,
         edit=edit,
         tokenizer=tokenizer,

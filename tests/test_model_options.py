@@ -1,0 +1,81 @@
+"""Config fields a laptop preset may set instead of the paper's design: ``image_head`` and ``vit_position_scale``."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from wallaroo.config import get_preset
+from wallaroo.model import WallarooModel, canvas_position_features
+
+
+def test_linear_image_head_shapes_loss_and_edit_copy():
+    cfg = get_preset("tiny", image_head="linear", edit=True)
+    model = WallarooModel(cfg)
+    for head in (model.gen_head, model.edit_head):
+        assert len(head) == 1 and isinstance(head[0], nn.Linear)
+        assert head[0].bias is None and head[0].weight.shape == (cfg.codebook_size, model.hidden_size)
+    mlp = WallarooModel(get_preset("tiny"))
+    assert [type(m) for m in mlp.gen_head] == [nn.Linear, nn.GELU, nn.Linear]  # the paper's head stays the default
+    with pytest.raises(ValueError, match="image_head must be 'mlp' or 'linear'"):
+        get_preset("tiny", image_head="conv")
+
+
+def test_linear_image_head_survives_checkpoint_and_export(tmp_path):
+    import lightning as L
+
+    from stages.base import OptimConfig
+    from stages.stage1 import Stage1
+    from wallaroo.convert import main
+    from wallaroo.weights import build_from_weights, load_any
+
+    stage = Stage1(preset="tiny", overrides={"image_head": "linear"}, optim=OptimConfig(lr=1e-3))
+    stage.configure_model()
+    trainer = L.Trainer(logger=False, enable_checkpointing=False, accelerator="cpu", enable_progress_bar=False)
+    trainer.strategy.connect(stage)
+    trainer.save_checkpoint(tmp_path / "last.ckpt")
+    assert load_any(tmp_path / "last.ckpt").config.image_head == "linear"
+    out = main(["export", "--ckpt", str(tmp_path / "last.ckpt"), "--out", str(tmp_path / "weights")])
+    model, _, _, _ = build_from_weights(out)
+    assert model.cfg.image_head == "linear"
+    want = stage.model.state_dict()
+    got = model.state_dict()
+    assert set(got) == set(want) and all(torch.equal(got[k], want[k]) for k in want)
+
+
+def test_canvas_position_features_follow_raster_order_and_canvas_fractions():
+    # Two images: a 4x4 merged grid (8x8 patches) and a 6x4 one (12 rows of patches, 8 columns).
+    pos = canvas_position_features(torch.tensor([[1, 8, 8], [1, 12, 8]]), 2, 64)
+    assert pos.shape == (16 + 24, 64)
+    a, b = pos[:16].view(4, 4, 64), pos[16:].view(6, 4, 64)
+    # Columns at the same fraction of the width read the same; rows differ by grid height.
+    assert torch.allclose(a[0, :, 32:], b[0, :, 32:])
+    assert torch.allclose(a[:, 0, :32], a[:, 3, :32]) and not torch.allclose(a[0, 0, :32], a[1, 0, :32])
+    # Every place of one canvas is different from every other.
+    flat = a.reshape(16, 64)
+    dist = torch.cdist(flat, flat) + torch.eye(16) * 10
+    assert float(dist.min()) > 0.1
+    # The centre row of a 6-row grid sits between rows 2 and 3; a 3-row grid puts a row at 0.5 exactly.
+    odd = canvas_position_features(torch.tensor([[1, 6, 2]]), 2, 64)
+    centre = canvas_position_features(torch.tensor([[1, 2, 2]]), 2, 64)
+    assert torch.allclose(odd[1, :32], centre[0, :32])
+
+
+def test_vit_position_scale_adds_the_place_features_to_vit_tokens():
+    from datamodules import shapes_world as sw
+    from wallaroo.images import VitImageProcessor
+
+    cfg = get_preset("tiny")
+    torch.manual_seed(0)
+    plain = WallarooModel(cfg).eval()
+    placed = WallarooModel(cfg.with_overrides(vit_position_scale=0.5)).eval()
+    placed.load_state_dict(plain.state_dict())
+    rng = np.random.default_rng(0)
+    pixels, thw = VitImageProcessor.for_config(cfg)([sw.render(sw.random_scene(rng), 48, 48)])
+    with torch.no_grad():
+        base, moved = plain.vit_features(pixels, thw), placed.vit_features(pixels, thw)
+    merge = plain.backbone.config.vision_config.spatial_merge_size
+    want = base + 0.5 * canvas_position_features(thw, merge, base.shape[-1])
+    assert torch.allclose(moved, want, atol=1e-6)
