@@ -70,6 +70,8 @@ class TaskData:
             dropped).
         cfg_drop: classifier-free-guidance dropout in training: the t2i prompt becomes ``""`` (template
             kept); the edit instruction becomes ``""`` and the source image black in both streams.
+        templates: t2i/edit samples draw their instruction template from the first this many of each
+            language's list (None: all; evaluation uses the first). The ShapesWorld recipes use 1.
         val_shards: validation shards (read in order, not resampled).
         val_samples: validation samples: the first ones of ``val_shards``.
         shuffle_buffer: raw samples in the shuffle buffer of each worker (<= 1: no shuffling).
@@ -85,6 +87,7 @@ class TaskData:
     max_crop: float = 1.0
     langs: list[str] = field(default_factory=lambda: ["en", "zh"])
     cfg_drop: float = 0.1
+    templates: int | None = None
     val_shards: str | list[str] | None = None
     val_samples: int = 64
     shuffle_buffer: int = 256
@@ -394,7 +397,7 @@ class WallarooDataModule(L.LightningDataModule):
             task=task, bucket_set=buckets, downsample=downsample, batch_size=d.batch_size,
             max_tokens=d.max_tokens, max_length=d.max_length, langs=tuple(d.langs), max_crop=d.max_crop,
             layout=d.layout or (cfg.t2i_layout if cfg is not None else "aspect"),
-            cfg_drop=d.cfg_drop, shuffle_buffer=d.shuffle_buffer, images_only=images_only,
+            cfg_drop=d.cfg_drop, templates=d.templates, shuffle_buffer=d.shuffle_buffer, images_only=images_only,
         )  # fmt: skip
         if cfg is not None:
             fields.update(

@@ -179,6 +179,7 @@ class TaskSpec:
     layout: str = "aspect"
     langs: tuple[str, ...] = LANGS
     cfg_drop: float = 0.1
+    templates: int | None = None
     max_crop: float = 1.0
     shuffle_buffer: int = 256
     images_only: bool = False
@@ -211,6 +212,8 @@ class TaskSpec:
             )
         if not 0.0 <= self.cfg_drop <= 1.0:
             raise ValueError(f"{self.task}: cfg_drop must be in [0, 1], got {self.cfg_drop}")
+        if self.templates is not None and self.templates < 1:
+            raise ValueError(f"{self.task}: templates must be >= 1 or None (all), got {self.templates}")
         buckets = list(BUCKET_SETS[self.bucket_set].values())
         for b in buckets:
             b.grid(self.downsample)  # raises naming the bucket when the VQ cannot tile it
@@ -469,6 +472,10 @@ class SampleBuilder:
         return torch.from_numpy(arr.astype(np.int64))
 
     # ------------------------------------------------------------------------------ tasks
+    def _n_templates(self, templates: list[str]) -> int:
+        """How many of one language's templates training draws from (``TaskSpec.templates``, None: all)."""
+        return min(len(templates), self.spec.templates or len(templates))
+
     def _t2i(self, raw: dict[str, Any], rng: random.Random, train: bool) -> list[Item]:
         spec = self.spec
         has_codes = "codes.npy" in raw and not spec.images_only
@@ -479,7 +486,7 @@ class SampleBuilder:
             return [self._image_item(decode_image(raw[image_name], image_name))]
         meta = _decode_json(raw)
         lang, prompt = _pick_text(meta, "caption", spec.langs, rng)
-        template = rng.randrange(len(GENERATE_TEMPLATES[lang]))
+        template = rng.randrange(self._n_templates(GENERATE_TEMPLATES[lang]))
         drop = train and rng.random() < spec.cfg_drop
         codes: Tensor | None = None
         target: Tensor | None = None
@@ -556,7 +563,7 @@ class SampleBuilder:
             return [self._image_item(src, bucket), self._image_item(tgt, bucket)]
         meta = _decode_json(raw)
         lang, instruction = _pick_text(meta, "instruction", spec.langs, rng)
-        template = rng.randrange(len(EDIT_TEMPLATES[lang]))
+        template = rng.randrange(self._n_templates(EDIT_TEMPLATES[lang]))
         drop = train and rng.random() < spec.cfg_drop
         if drop:
             # The reference CFG null sample: empty instruction AND a black source in both streams.

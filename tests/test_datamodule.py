@@ -194,6 +194,33 @@ def test_cfg_drop_empties_prompt_and_blackens_source(shards, cfg, tokenizer) -> 
         assert not (batch["edit"]["target_images"] == -1).all()
 
 
+def test_templates_limits_the_instruction_templates(shards, cfg, tokenizer) -> None:
+    from wallaroo.sequences import EDIT_TEMPLATES, GENERATE_TEMPLATES
+
+    tok, _ = tokenizer
+
+    def heads(templates: int | None) -> set[str]:
+        dm = make_dm(
+            cfg, tokenizer,
+            t2i=td(shards / "t2i", batch_size=4, epoch_samples=16, cfg_drop=1.0, templates=templates),
+            edit=td(shards / "edit", batch_size=4, epoch_samples=16, cfg_drop=1.0, templates=templates),
+        )  # fmt: skip
+        found = set()
+        for batch in epoch_batches(dm.train_dataloader()):
+            for task, table in (("t2i", GENERATE_TEMPLATES), ("edit", EDIT_TEMPLATES)):
+                for row, m in zip(batch[task]["input_ids"], batch[task]["attention_mask"], strict=True):
+                    text = tok.decode(row[m.bool()])
+                    found |= {f"{task}:{lang}:{i}" for lang, ts in table.items() for i, t in enumerate(ts)
+                              if t.split("{")[0] and t.split("{")[0] in text}
+        return found
+
+    one = heads(1)
+    assert one and all(key.endswith(":0") for key in one), one
+    assert any(not key.endswith(":0") for key in heads(None))
+    with pytest.raises(ValueError, match="templates must be >= 1"):
+        make_dm(cfg, tokenizer, t2i=td(shards / "t2i", templates=0)).train_dataloader()
+
+
 # ----------------------------------------------------------------------------------------------------
 # Determinism and epochs
 # ----------------------------------------------------------------------------------------------------
