@@ -314,6 +314,11 @@ PRESETS: dict[str, WallarooConfig] = {
         # after 200 steps.
         vit_image_mean=[1.0, 1.0, 1.0],
         vit_image_std=[0.5, 0.5, 0.5],
+        # Where a ViT token sits on its canvas. M-RoPE's h/w angles at theta 1e6 turn < 0.16 rad across a 4-6
+        # token grid and carry no absolute place, so "Where is the ...?" stayed near chance (0.21). Fixed
+        # sin/cos place features on each merged token, 400 pre-training steps, 200 questions: overall
+        # 0.385 -> 0.46 (position 0.21 -> 0.47) at 0.35; 0.395 at 1.0.
+        vit_position_scale=0.35,
     ),
     "qwen2.5-vl-3b": WallarooConfig(
         name="qwen2.5-vl-3b",
