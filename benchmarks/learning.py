@@ -37,7 +37,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from datamodules import shapes_world as sw  # noqa: E402
 from wallaroo.config import get_preset  # noqa: E402
-from wallaroo.model import WallarooModel  # noqa: E402
+from wallaroo.model import WallarooModel, image_head  # noqa: E402
 from wallaroo.sampling import SamplingConfig, generate_images  # noqa: E402
 from wallaroo.sequences import Bucket, BuiltSample, build_t2i, collate, t2i_prompt  # noqa: E402
 from wallaroo.tokens import tokenizer_for  # noqa: E402
@@ -91,9 +91,13 @@ class Ours:
             nn.init.normal_(emb.weight, std=a.embed_std or 0.02)
             model.code_embedding_table = emb
             model.code_embeddings = lambda codes, codebook, task: emb(codes)  # type: ignore[method-assign]
-        if a.head == "linear":
-            linear = nn.Linear(model.hidden_size, self.cfg.codebook_size)
+        if a.head == "mlp":  # the paper's head, whatever the preset has
+            model.gen_head = image_head(model.hidden_size, self.cfg.codebook_size, "mlp")
+        elif a.head in ("linear", "linear-nobias"):
+            linear = nn.Linear(model.hidden_size, self.cfg.codebook_size, bias=a.head == "linear")
             model.gen_head = nn.Sequential(nn.Identity(), nn.Identity(), linear)
+        elif a.head == "mlp-bias":  # the paper's MLP head with a bias on its output layer
+            model.gen_head[2] = nn.Linear(model.hidden_size, self.cfg.codebook_size)
         if a.init.startswith("torch"):  # PyTorch's default Linear init (and N(0, 1) embeddings for "torch")
             for m in model.modules():
                 if isinstance(m, nn.Linear):
@@ -102,6 +106,10 @@ class Ours:
                     nn.init.normal_(m.weight, std=1.0)
         if a.embed_std > 0:
             nn.init.normal_(model.language_model.embed_tokens.weight, std=a.embed_std)
+        if a.no_system:  # trial: the ChatML turns without the system turn
+            import wallaroo.sequences as seqs
+
+            seqs._system = lambda w, ids: None
         self.langs = a.langs.split(",")
         self.prng = random.Random(a.seed)
         self.params = list(model.parameters())
@@ -290,13 +298,14 @@ def main() -> None:
     ap.add_argument("--langs", default="en,zh")
     # trial flags (ours only); the defaults are the ShapesWorld recipe
     ap.add_argument("--embed", default="adapter", choices=["adapter", "learned"])
-    ap.add_argument("--templates", type=int, default=10)
+    ap.add_argument("--templates", type=int, default=1, help="templates drawn from (the ShapesWorld recipes: 1)")
     ap.add_argument("--cfg-drop", type=float, default=0.1)
     ap.add_argument("--text-loss", type=float, default=1.0)
     ap.add_argument("--prompt", default="chatml", choices=["chatml", "bare"])
+    ap.add_argument("--no-system", action="store_true", help="trial: drop the ChatML system turn")
     ap.add_argument("--embed-std", type=float, default=0.0, help="re-init the token embedding with this std")
     ap.add_argument("--init", default="preset", choices=["preset", "torch", "torch-linear"])
-    ap.add_argument("--head", default="mlp", choices=["mlp", "linear"])
+    ap.add_argument("--head", default="preset", choices=["preset", "mlp", "mlp-bias", "linear", "linear-nobias"])
     ap.add_argument("--vq", default=None, help="ours sees this trained tokenizer's codes and codebook")
     ap.add_argument("--init-from", default=None, help="start ours from this checkpoint's weights")
     ap.add_argument("--override", action="append", default=[], help="model config override KEY=VALUE")
