@@ -76,7 +76,9 @@ class Ours:
             from wallaroo.weights import load_any
 
             state = load_any(a.init_from, config=self.cfg).model_state
-            model.load_state_dict({k: v for k, v in state.items() if not k.startswith(("pixel_", "edit_"))})
+            skip = ("pixel_", "edit_")
+            keep = {k: v for k, v in state.items() if not k.startswith(skip) and not any(p in k for p in a.init_skip)}
+            model.load_state_dict(keep, strict=not a.init_skip)
         self.a = a
         gen = torch.Generator().manual_seed(1)
         self.codebook = torch.randn(self.cfg.codebook_size, self.cfg.codebook_dim, generator=gen)
@@ -308,6 +310,8 @@ def main() -> None:
     ap.add_argument("--head", default="preset", choices=["preset", "mlp", "mlp-bias", "linear", "linear-nobias"])
     ap.add_argument("--vq", default=None, help="ours sees this trained tokenizer's codes and codebook")
     ap.add_argument("--init-from", default=None, help="start ours from this checkpoint's weights")
+    ap.add_argument("--init-skip", action="append", default=[],
+                    help="with --init-from: keep the fresh init of weights whose name contains this")
     ap.add_argument("--override", action="append", default=[], help="model config override KEY=VALUE")
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
