@@ -76,9 +76,14 @@ class Ours:
             from wallaroo.weights import load_any
 
             state = load_any(a.init_from, config=self.cfg).model_state
-            skip = ("pixel_", "edit_")
-            keep = {k: v for k, v in state.items() if not k.startswith(skip) and not any(p in k for p in a.init_skip)}
-            model.load_state_dict(keep, strict=not a.init_skip)
+            state = {k: v for k, v in state.items() if not k.startswith(("pixel_", "edit_"))}
+            fresh = {k for k in state if any(p in k for p in a.init_skip)}
+            unmatched = [p for p in a.init_skip if not any(p in k for k in fresh)]
+            if unmatched:
+                raise SystemExit(f"--init-skip {unmatched}: no weight of {a.init_from} has that in its name")
+            missing, unexpected = model.load_state_dict({k: state[k] for k in state.keys() - fresh}, strict=False)
+            if set(missing) != fresh or unexpected:  # only the skipped weights may keep their fresh init
+                raise SystemExit(f"{a.init_from}: missing {sorted(set(missing) - fresh)}, unexpected {unexpected}")
         self.a = a
         gen = torch.Generator().manual_seed(1)
         self.codebook = torch.randn(self.cfg.codebook_size, self.cfg.codebook_dim, generator=gen)
