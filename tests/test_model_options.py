@@ -1,4 +1,5 @@
-"""Config fields a laptop preset may set instead of the paper's design: ``image_head`` and ``vit_position_scale``."""
+"""Config fields a laptop preset may set instead of the paper's design: ``image_head``, ``vit_position_scale`` and
+``code_position_scale``."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ import torch
 from torch import nn
 
 from wallaroo.config import get_preset
-from wallaroo.model import WallarooModel, canvas_position_features
+from wallaroo.model import WallarooModel, canvas_position_features, grid_place_features
 
 
 def test_linear_image_head_shapes_loss_and_edit_copy():
@@ -79,3 +80,64 @@ def test_vit_position_scale_adds_the_place_features_to_vit_tokens():
     merge = plain.backbone.config.vision_config.spatial_merge_size
     want = base + 0.5 * canvas_position_features(thw, merge, base.shape[-1])
     assert torch.allclose(moved, want, atol=1e-6)
+
+
+def _places(model: WallarooModel, batch: dict) -> list[tuple[int, int, int]]:
+    """(token id, row, column) of every token that carries a place."""
+    places = model.code_places(batch["input_ids"], batch["mm_token_type_ids"])[0]
+    ids = batch["input_ids"][0]
+    return [(int(ids[i]), int(r), int(c)) for i, (r, c) in enumerate(places.tolist()) if r >= 0]
+
+
+def test_code_places_of_generated_and_source_blocks():
+    from wallaroo.sequences import Bucket, build_edit, build_t2i, collate
+    from wallaroo.tokens import tokenizer_for
+
+    cfg = get_preset("tiny")
+    model = WallarooModel(cfg)
+    tok, ids = tokenizer_for(cfg)
+    bucket, codes = Bucket(w=72, h=48), torch.arange(6).view(2, 3)  # 2 rows x 3 columns of codes at ds 24
+    kw = dict(lang="en", template_index=0, ds=24)
+    pad = ids.generate_image_pad
+    # Aspect layout: generate_start -> (0, 0); a code -> the next code of its row; the EOL -> (1, 0); the last
+    # code of each row (followed by EOL or generate_end) carries none.
+    aspect = collate([build_t2i(tok, ids, "a red circle", bucket, codes, layout="aspect", **kw)], ids.pad)
+    assert _places(model, aspect) == [(ids.generate_start, 0, 0), (pad, 0, 1), (pad, 0, 2), (ids.eol, 1, 0),
+                                      (pad, 1, 1), (pad, 1, 2)]
+    # Square layout: no EOL, so the last code of row 0 announces (1, 0); the width is the root of the count.
+    square = collate([build_t2i(tok, ids, "a red circle", Bucket(w=48, h=48), codes[:, :2], layout="square",
+                                **kw)], ids.pad)
+    assert _places(model, square) == [(ids.generate_start, 0, 0), (pad, 0, 1), (pad, 1, 0), (pad, 1, 1)]
+    # Editing: the source pixel block's slots carry their own places, the target block as above.
+    edit = collate([build_edit(tok, ids, "Remove the circle.", bucket, codes, 4, **kw)], ids.pad)
+    edit["mm_token_type_ids"][0, (edit["input_ids"][0] == ids.image_pad).nonzero().flatten()[-4:]] = 1  # ViT
+    got = _places(model, edit)
+    assert got[:6] == [(ids.image_pad, r, c) for r in range(2) for c in range(3)]
+    assert got[6:] == _places(model, aspect)
+
+
+def test_code_position_scale_adds_features_only_where_places_are():
+    from wallaroo.sequences import Bucket, build_t2i, collate
+    from wallaroo.tokens import tokenizer_for
+
+    cfg = get_preset("tiny")
+    torch.manual_seed(0)
+    plain = WallarooModel(cfg).eval()
+    placed = WallarooModel(cfg.with_overrides(code_position_scale=0.5)).eval()
+    placed.load_state_dict(plain.state_dict())
+    tok, ids = tokenizer_for(cfg)
+    batch = collate([build_t2i(tok, ids, "a red circle", Bucket(w=72, h=48), torch.arange(6).view(2, 3),
+                               lang="en", template_index=0, layout="aspect", ds=24)], ids.pad)
+    codebook = torch.randn(cfg.codebook_size, cfg.codebook_dim)
+    with torch.no_grad():
+        a = plain.prepare_inputs(batch, codebook, "t2i").inputs_embeds
+        b = placed.prepare_inputs(batch, codebook, "t2i").inputs_embeds
+    places = plain.code_places(batch["input_ids"], batch["mm_token_type_ids"])
+    want = a + 0.5 * grid_place_features(places, a.shape[-1])
+    assert torch.allclose(b, want, atol=1e-6)
+    has = (places[..., 0] >= 0)[0]
+    assert torch.equal((a - b).abs().sum(-1)[0] > 0, has) and int(has.sum()) == 6
+    # Every place of a 32x32 grid has its own features.
+    grid = torch.stack(torch.meshgrid(torch.arange(32), torch.arange(32), indexing="ij"), -1).view(-1, 2)
+    feats = grid_place_features(grid, 64)
+    assert float((torch.cdist(feats, feats) + torch.eye(1024) * 10).min()) > 0.1

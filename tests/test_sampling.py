@@ -493,18 +493,20 @@ def test_rejects_right_padding_and_gen_pads(golden_model, golden_cases, golden_c
 
 
 # ------------------------------------------------------------------------------------------- layouts
+@pytest.mark.parametrize("places", [0.0, 0.5])
 @pytest.mark.parametrize("layout", ["square", "aspect"])
-def test_generation_follows_the_training_layout(layout: str) -> None:
+def test_generation_follows_the_training_layout(layout: str, places: float) -> None:
     """Greedy codes fed back through the training sequence of the same layout (square: no end-of-line
     tokens; aspect: EOL after every row but the last) are each the argmax of the teacher-forced image logits
-    at their position: the sampler reproduces exactly the sequence the model was trained on."""
+    at their position: the sampler reproduces exactly the sequence the model was trained on, code-grid place
+    features (``code_position_scale``) included, with the cache and with full recomputation."""
     from wallaroo.config import get_preset
     from wallaroo.model import WallarooModel
     from wallaroo.sequences import Bucket, build_t2i, collate, t2i_prompt
     from wallaroo.tokens import tokenizer_for
 
     torch.manual_seed(0)
-    cfg = get_preset("tiny")
+    cfg = get_preset("tiny", code_position_scale=places)
     model = WallarooModel(cfg).eval()
     tok, ids = tokenizer_for(cfg)
     codebook = torch.randn(cfg.codebook_size, cfg.codebook_dim)
@@ -512,9 +514,12 @@ def test_generation_follows_the_training_layout(layout: str) -> None:
     cond = collate([t2i_prompt(tok, ids, "a red circle at the top left", bucket, **kw)], ids.pad, "left")
     greedy = SamplingConfig(cfg_scale=1.0, top_k=1)
     codes = generate_images(model, codebook, cond, None, (4, 6), "t2i", greedy, eol=layout == "aspect")
+    slow = generate_images(model, codebook, cond, None, (4, 6), "t2i", greedy, eol=layout == "aspect",
+                           full_recompute=True)
+    assert torch.equal(codes, slow)
     batch = collate([build_t2i(tok, ids, "a red circle at the top left", bucket, codes[0], **kw)], ids.pad)
     with torch.no_grad():
-        hidden = model.decode(model.prepare_inputs(batch, codebook, "t2i"))
+        hidden = model.decode(model.prepare_inputs(batch, codebook, "t2i", cols=6))
     targets = batch["image_labels"][0, 1:]
     argmax = model.gen_head(hidden[0, :-1][targets != -100]).argmax(-1)
     assert torch.equal(argmax, codes.flatten())

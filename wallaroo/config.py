@@ -162,6 +162,11 @@ class WallarooConfig:
     # Laptop presets: add fixed 2-D sin/cos features of each merged ViT token's place on its canvas (row and
     # column as fractions of the grid) times this to the token's feature (0: off, the paper's design).
     vit_position_scale: float = 0.0
+    # Laptop presets: add fixed sin/cos features of the code-grid place (integer row, column) to the image-code
+    # slots times this (0: off, the paper's 1-D positions only). Each source pixel-block slot carries its own
+    # place; in a generated block every token whose next token is a code (generate_start, the codes, the EOLs)
+    # carries the place of that next code (``WallarooModel.code_places``).
+    code_position_scale: float = 0.0
     pixel_mask_ratio: float = 0.6
     # The image heads (gen_head, edit_head): "mlp" (the paper's Linear-GELU-Linear) or "linear" (laptop presets).
     image_head: str = "mlp"

@@ -72,6 +72,17 @@ def canvas_position_features(image_grid_thw: Tensor, merge: int, dim: int) -> Te
     return torch.nn.functional.pad(out, (0, dim - out.shape[1]))
 
 
+def grid_place_features(places: Tensor, dim: int) -> Tensor:
+    """Fixed sin/cos features ``[..., dim]`` of integer code-grid places ``[..., 2]`` (row, column; -1 = no
+    place, which gets zeros). Half of ``dim`` carries the row, half the column, each as sin and cos at ``dim / 4``
+    frequencies whose periods run from 2 to 32 codes, so every place of a grid up to 32 codes wide differs."""
+    quarter = dim // 4
+    freqs = torch.pi * torch.logspace(0, -4, quarter, base=2.0, device=places.device)
+    ay, ax = places[..., :1].float() * freqs, places[..., 1:2].float() * freqs
+    out = torch.cat([ay.sin(), ay.cos(), ax.sin(), ax.cos()], dim=-1) * (places[..., :1] >= 0)
+    return F.pad(out, (0, dim - out.shape[-1]))
+
+
 def pick_attn_implementation(requested: str | None = None) -> str:
     """``flash_attention_2`` when CUDA and the package are present, else ``sdpa`` (unless requested)."""
     if requested:
@@ -216,6 +227,64 @@ class WallarooModel(nn.Module):
             feats = feats + self.cfg.vit_position_scale * pos.to(device=feats.device, dtype=feats.dtype)
         return feats
 
+    def code_places(self, input_ids: Tensor, mm_token_type_ids: Tensor, cols: int | None = None) -> Tensor:
+        """Code-grid places ``[B, L, 2]`` (row, column; -1 elsewhere) for ``code_position_scale``.
+
+        A source pixel block's slots (``<|image_pad|>`` between ``<|pixel_start|>`` and ``<|pixel_end|>``) get
+        their own place. In a generated block, each token whose next token is a code gets that code's place:
+        ``<|generate_start|>`` (0, 0), every code but the last of its row in the EOL layout (the last one is
+        followed by EOL or ``<|generate_end|>``) and every EOL ((r + 1, 0)). Codes are numbered in raster order;
+        the width is the number of codes before the first EOL, else ``cols``, else the square root of the block's
+        codes (the square layout of stages 1-2; a block that is not square then fails).
+        """
+        cfg = self.cfg
+        places = torch.full((*input_ids.shape, 2), -1, dtype=torch.long, device=input_ids.device)
+        eol_id = cfg.special_id("eol")
+        for start_id, end_id, slot_id, own in (
+            (cfg.special_id("pixel_start"), cfg.special_id("pixel_end"), self.image_pad_id, True),
+            (cfg.special_id("generate_start"), cfg.special_id("generate_end"), self.gen_pad_id, False),
+        ):
+            for b in range(input_ids.shape[0]):
+                ids = input_ids[b]
+                starts = (ids == start_id).nonzero().flatten().tolist()
+                ends = (ids == end_id).nonzero().flatten().tolist()
+                for s in starts:
+                    e = next((x for x in ends if x > s), ids.shape[0])
+                    span = ids[s + 1 : e]
+                    slot = (span == slot_id) & (mm_token_type_ids[b, s + 1 : e] == 0)
+                    eol = span == eol_id
+                    n = int(slot.sum())
+                    if eol.any():
+                        width = int(slot[: int(eol.nonzero()[0])].sum())
+                    elif cols:
+                        width = cols
+                    else:
+                        width = max(1, round(n**0.5))
+                        if n and width * width != n:
+                            raise ValueError(
+                                f"code_position_scale: a generated block of {n} codes without EOL tokens is not "
+                                "square; pass its width (prepare_inputs(cols=...))"
+                            )
+                    k = slot.long().cumsum(0) - 1  # raster index of each slot
+                    at = torch.arange(s + 1, e, device=ids.device)
+                    if own:
+                        idx = at[slot]
+                        places[b, idx, 0], places[b, idx, 1] = k[slot] // width, k[slot] % width
+                        continue
+                    places[b, s] = 0  # generate_start: the first code
+                    nxt = k + 1
+                    has_next = slot & (nxt % width != 0 if eol.any() else nxt < (n if e < ids.shape[0] else 1 << 30))
+                    idx = at[has_next]
+                    places[b, idx, 0], places[b, idx, 1] = nxt[has_next] // width, nxt[has_next] % width
+                    rows_done = eol.long().cumsum(0)
+                    idx = at[eol]
+                    places[b, idx, 0], places[b, idx, 1] = rows_done[eol], 0
+        return places
+
+    def place_features(self, places: Tensor) -> Tensor:
+        """``code_position_scale`` times the sin/cos features of ``places`` ``[..., 2]`` (zeros where -1)."""
+        return self.cfg.code_position_scale * grid_place_features(places, self.hidden_size)
+
     def mask_latents(self, latents: Tensor, counts: list[int], ratio: float) -> Tensor:
         """MAE-style random masking per sample: ``int(n * (1 - ratio))`` rows kept, the rest set to -1."""
         if ratio <= 0:
@@ -236,9 +305,12 @@ class WallarooModel(nn.Module):
         codebook: Tensor | None,
         task: Task,
         pixel_mask_ratio: float = 0.0,
+        cols: int | None = None,
     ) -> PreparedInputs:
         """Token embeddings with ViT features, source latents and target codes scattered into their slots,
-        and M-RoPE positions from the backbone's own ``get_rope_index`` (pads at position 1)."""
+        code-grid place features where ``code_position_scale`` asks for them (``cols``: the generated grid's
+        width, needed only for an unfinished square-layout block), and M-RoPE positions from the backbone's
+        own ``get_rope_index`` (pads at position 1)."""
         input_ids = batch["input_ids"]
         attention_mask = batch["attention_mask"]
         mm_types = batch.get("mm_token_type_ids")
@@ -278,6 +350,9 @@ class WallarooModel(nn.Module):
                 raise ValueError("a <|generate_image_pad|> slot has no code in image_labels")
             feats = self.code_embeddings(codes, codebook, task)
             embeds = embeds.masked_scatter(gen_mask[..., None], feats.to(dtype))
+
+        if self.cfg.code_position_scale:
+            embeds = embeds + self.place_features(self.code_places(input_ids, mm_types, cols)).to(dtype)
 
         position_ids, rope_deltas = self.backbone.model.get_rope_index(
             input_ids,

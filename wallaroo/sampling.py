@@ -337,11 +337,18 @@ class CachedDecoder:
         cos, sin = self.cos[:, k : k + 1], self.sin[:, k : k + 1]
         return self._step_fn(embeds, mask, cos, sin)
 
-    def feed_codes(self, codes: Tensor) -> Tensor:
-        return self.feed(self.model.code_embeddings(codes, self.codebook, self.task))  # type: ignore[arg-type]
+    def feed_codes(self, codes: Tensor, place: tuple[int, int] | None = None) -> Tensor:
+        """Feed one code per row; ``place``: the grid place of the next code (``code_position_scale``)."""
+        return self.feed(self._placed(self.model.code_embeddings(codes, self.codebook, self.task), place))  # type: ignore[arg-type]
 
-    def feed_tokens(self, ids: Tensor) -> Tensor:
-        return self.feed(self.model.embed_tokens(ids))
+    def feed_tokens(self, ids: Tensor, place: tuple[int, int] | None = None) -> Tensor:
+        return self.feed(self._placed(self.model.embed_tokens(ids), place))
+
+    def _placed(self, embeds: Tensor, place: tuple[int, int] | None) -> Tensor:
+        if place is None or not self.model.cfg.code_position_scale:
+            return embeds
+        where = torch.tensor(place, device=embeds.device)
+        return embeds + self.model.place_features(where).to(embeds.dtype)
 
 
 class RecomputeDecoder:
@@ -359,8 +366,9 @@ class RecomputeDecoder:
         batch: dict[str, Tensor],
         codebook: Tensor | None,
         task: Literal["t2i", "edit", "und"],
+        cols: int | None = None,
     ) -> None:
-        self.model, self.codebook, self.task = model, codebook, task
+        self.model, self.codebook, self.task, self.cols = model, codebook, task, cols
         self.batch = {k: v for k, v in batch.items() if k not in ("labels",)}
         ids = self.batch["input_ids"]
         if "image_labels" not in self.batch:
@@ -378,7 +386,7 @@ class RecomputeDecoder:
                 output_hidden_states=True,
             )
             return out.hidden_states[-1][:, -1]  # the final-norm output (5.x records it last)
-        prepared = self.model.prepare_inputs(self.batch, self.codebook, self.task, pixel_mask_ratio=0.0)
+        prepared = self.model.prepare_inputs(self.batch, self.codebook, self.task, pixel_mask_ratio=0.0, cols=self.cols)
         return self.model.decode(prepared)[:, -1]
 
     def start(self) -> Tensor:
@@ -393,10 +401,11 @@ class RecomputeDecoder:
         b["image_labels"] = torch.cat([b["image_labels"], image_label[:, None]], dim=1)
         return self._run()
 
-    def feed_codes(self, codes: Tensor) -> Tensor:
+    def feed_codes(self, codes: Tensor, place: tuple[int, int] | None = None) -> Tensor:
+        # Places are recomputed from the whole sequence (WallarooModel.code_places), so ``place`` is not needed.
         return self._append(torch.full_like(codes, self.model.gen_pad_id), codes)
 
-    def feed_tokens(self, ids: Tensor) -> Tensor:
+    def feed_tokens(self, ids: Tensor, place: tuple[int, int] | None = None) -> Tensor:
         return self._append(ids, torch.full_like(ids, -100))
 
 
@@ -479,7 +488,7 @@ def generate_images(
     with _inference(model):
         decoder: CachedDecoder | RecomputeDecoder
         if full_recompute:
-            decoder = RecomputeDecoder(model, batch, codebook, task)
+            decoder = RecomputeDecoder(model, batch, codebook, task, cols)
         else:
             # Inputs after the prefill: every code but the last, plus R - 1 end-of-line tokens.
             budget = rows * cols - 1 + (rows - 1 if eol else 0)
@@ -499,15 +508,17 @@ def generate_images(
                 codes[:, r, c] = code
                 if r == rows - 1 and c == cols - 1:
                     break
-                hidden = decoder.feed_codes(torch.cat([code, code]) if guided else code)
+                # The place of the code this input predicts (None: the next token is an EOL).
+                nxt = (r, c + 1) if c + 1 < cols else (None if eol else (r + 1, 0))
+                hidden = decoder.feed_codes(torch.cat([code, code]) if guided else code, nxt)
             if eol and r < rows - 1:
-                if isinstance(decoder, CachedDecoder):
+                if isinstance(decoder, CachedDecoder) and not cfg.code_position_scale:
                     # The forced end-of-line embedding is the same at every row: compute it once.
                     if eol_embed is None:
                         eol_embed = model.embed_tokens(eol_ids)
                     hidden = decoder.feed(eol_embed)
                 else:
-                    hidden = decoder.feed_tokens(eol_ids)
+                    hidden = decoder.feed_tokens(eol_ids, (r + 1, 0))
     return codes
 
 
