@@ -100,7 +100,9 @@ def run_parallel(jobs: list[tuple[str, list[str], Path]], env: dict[str, str]) -
     failed commands and their logs.
     """
     many = len(jobs) > 1
-    threads = max(1, (os.cpu_count() or 1) // len(jobs))
+    # The cores this demo may use: all of them, or OMP_NUM_THREADS when a caller (a sweep) set it.
+    cores = int(env.get("OMP_NUM_THREADS") or os.cpu_count() or 1)
+    threads = max(1, cores // len(jobs))
     lock = threading.Lock()
     procs: list[tuple[str, list[str], Path, subprocess.Popen[str]]] = []
 
@@ -213,6 +215,43 @@ def results_chart(results: dict[str, dict[str, Any]], path: Path) -> None:
     img.save(path)
 
 
+def auto_precision(accelerator: str) -> str:
+    """``bf16-mixed`` where bf16 matrix products are fast (a CUDA GPU with bf16; a CPU with AMX tiles, where a
+    ShapesWorld t2i step ran 1.6x faster than in fp32), else ``32-true``."""
+    import torch
+
+    if accelerator == "gpu":
+        return "bf16-mixed" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "32-true"
+    amx = getattr(torch.cpu, "_is_amx_tile_supported", lambda: False)
+    return "bf16-mixed" if amx() else "32-true"
+
+
+def parse_budget(text: str) -> dict[str, int]:
+    """``"stage2=800,stage4=300"`` -> ``{"stage2": 800, "stage4": 300}``; unknown steps fail by name."""
+    out: dict[str, int] = {}
+    names = [s.name for s in STEPS]
+    for part in filter(None, (p.strip() for p in text.split(","))):
+        name, _, n = part.partition("=")
+        if name not in names or not n.isdigit():
+            raise ValueError(f"--budget {part!r}: expected STEP=N with STEP one of {names}")
+        out[name] = int(n)
+    return out
+
+
+def parse_overrides(items: list[str]) -> list[tuple[str, str, str]]:
+    """``["stage4:model.init_args.lr=1e-4"]`` -> ``[("stage4", "model.init_args.lr", "1e-4")]``; the step must be
+    a demo step or ``stages`` (stages 1-4)."""
+    names = [s.name for s in STEPS] + ["stages"]
+    out = []
+    for item in items:
+        where, _, rest = item.partition(":")
+        key, eq, value = rest.partition("=")
+        if where not in names or not key or not eq:
+            raise ValueError(f"--override {item!r}: expected STEP:KEY=VALUE with STEP one of {names}")
+        out.append((where, key.lstrip("-"), value))
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m wallaroo.demo", description=__doc__.split("\n")[0])
     parser.add_argument("--out", default="runs/shapes", help="run directory (default runs/shapes)")
@@ -224,12 +263,22 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steps", default=",".join(s.name for s in STEPS), help="subset of steps to run")
     parser.add_argument("--accelerator", default="auto", choices=["auto", "cpu", "gpu"],
                         help="where the fits and evaluations run (auto: a GPU when CUDA is available)")
+    parser.add_argument("--precision", default="auto", choices=["auto", "32-true", "bf16-mixed"],
+                        help="training precision of the stages (auto: bf16-mixed on a GPU with bf16 or a CPU with "
+                             "AMX tiles, else 32-true); the tokenizer trains in 32-true and evaluations run in fp32")
+    parser.add_argument("--budget", default="", metavar="STEP=N,...",
+                        help="training steps of named steps instead of the recipe budget (e.g. stage2=800,stage4=300)")
+    parser.add_argument("--override", action="append", default=[], metavar="STEP:KEY=VALUE",
+                        help="a wallaroo.fit override for one step, or for every stage with 'stages' "
+                             "(e.g. stage4:model.init_args.overrides.pixel_mask_ratio=0.2); repeatable")
     args = parser.parse_args(argv)
+    budget, fit_overrides = parse_budget(args.budget), parse_overrides(args.override)
     accelerator = args.accelerator
     if accelerator == "auto":
         import torch
 
         accelerator = "gpu" if torch.cuda.is_available() else "cpu"
+    precision = args.precision if args.precision != "auto" else auto_precision(accelerator)
 
     out = Path(args.out).resolve()
     # 12000: a third of them (the 48x48 ones) feed stages 1-2, ~3 epochs of stage 2 (fewer overfit).
@@ -251,12 +300,17 @@ def main(argv: list[str] | None = None) -> int:
         steps = [s for s in STEPS if s.wave == wave and s.name in wanted]
         jobs = []
         for step in steps:
-            n = step.quick_steps if args.quick else step.steps
+            n = budget.get(step.name, step.quick_steps if args.quick else step.steps)
             print(f"\n== {step.name}: {step.teaches} ({n} steps, {time.perf_counter() - t0:.0f}s so far)")
             cmd = [sys.executable, "-m", "wallaroo.fit", "--stage", step.recipe, "--trainer.max_steps", str(n),
                    "--trainer.accelerator", accelerator]
+            if step.name != "vq":
+                cmd += ["--trainer.precision", precision]
             if args.quick:
                 cmd += ["--model.init_args.preview.every_n_steps", "0"] if step.name != "vq" else []
+            for where, key, value in fit_overrides:
+                if where == step.name or (where == "stages" and step.name not in ("vq", "pretrain")):
+                    cmd += [f"--{key}", value]
             jobs.append((step.name, cmd, out / step.name / "fit.log"))
         if jobs:
             run_parallel(jobs, env)
