@@ -272,7 +272,8 @@ def train(learner, a: argparse.Namespace, tag: str, log: Callable[[dict], None])
     t0, train_s, recent = time.perf_counter(), 0.0, []
     for step in range(1, a.max_steps + 1):
         t = time.perf_counter()
-        loss = learner.loss([sw.random_scene(rng) for _ in range(a.bs)])
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=a.bf16):
+            loss = learner.loss([sw.random_scene(rng) for _ in range(a.bs)])
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(learner.params, 1.0)
@@ -302,6 +303,7 @@ def main() -> None:
     ap.add_argument("--warmup", type=int, default=10)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--bf16", action="store_true", help="train under bf16 autocast (the demo's precision on AMX CPUs)")
     ap.add_argument("--langs", default="en,zh")
     # trial flags (ours only); the defaults are the ShapesWorld recipe
     ap.add_argument("--embed", default="adapter", choices=["adapter", "learned"])
