@@ -92,7 +92,7 @@ def test_evaluate_shapes_writes_report(tiny_ckpt, tmp_path):
     from wallaroo.evaluate import SHAPES_SAMPLING
 
     assert {k: report["sampling"][k] for k in SHAPES_SAMPLING} == SHAPES_SAMPLING
-    assert report["sampling"]["top_k"] == 1 and report["sampling"]["cfg_scale"] == 3.0  # greedy under CFG (v2)
+    assert report["sampling"]["top_k"] == 1 and report["sampling"]["cfg_scale"] == 1.0  # greedy, no guidance (v2)
 
 
 def test_evaluate_geneval_dpg_imgedit_layouts(tiny_ckpt, source_png, tmp_path):
