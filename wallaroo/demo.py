@@ -263,7 +263,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steps", default=",".join(s.name for s in STEPS), help="subset of steps to run")
     parser.add_argument("--accelerator", default="auto", choices=["auto", "cpu", "gpu"],
                         help="where the fits and evaluations run (auto: a GPU when CUDA is available)")
-    parser.add_argument("--precision", default="auto", choices=["auto", "32-true", "bf16-mixed"],
+    parser.add_argument("--precision", default="32-true", choices=["auto", "32-true", "bf16-mixed"],
                         help="training precision of the stages (auto: bf16-mixed on a GPU with bf16 or a CPU with "
                              "AMX tiles, else 32-true); the tokenizer trains in 32-true and evaluations run in fp32")
     parser.add_argument("--budget", default="", metavar="STEP=N,...",
