@@ -34,3 +34,28 @@ def test_run_parallel_logs_each_job_and_names_failures(tmp_path: Path, capsys: p
     with pytest.raises(SystemExit, match=r"b \(3\)[\s\S]*b2\.log"):
         run_parallel([("a", ok, tmp_path / "a2.log"), ("b", bad, tmp_path / "b2.log")], {})
     assert "about to fail" in (tmp_path / "b2.log").read_text()
+
+
+def test_budget_and_overrides_parse_and_name_bad_input() -> None:
+    from wallaroo.demo import parse_budget, parse_overrides
+
+    assert parse_budget("stage2=800, stage4=300") == {"stage2": 800, "stage4": 300}
+    assert parse_budget("") == {}
+    with pytest.raises(ValueError, match="stage9=5"):
+        parse_budget("stage9=5")
+    with pytest.raises(ValueError, match="stage2=many"):
+        parse_budget("stage2=many")
+    assert parse_overrides(["stages:model.init_args.overrides.code_position_scale=0.35"]) == [
+        ("stages", "model.init_args.overrides.code_position_scale", "0.35")
+    ]
+    assert parse_overrides(["stage4:--trainer.precision=bf16-mixed"]) == [("stage4", "trainer.precision", "bf16-mixed")]
+    for bad in ("stage4", "nostep:model.x=1", "stage4:model.x"):
+        with pytest.raises(ValueError, match="STEP:KEY=VALUE"):
+            parse_overrides([bad])
+
+
+def test_run_parallel_splits_the_cores_it_is_given(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    # A sweep gives each demo a share of the machine through OMP_NUM_THREADS; two jobs then split that share.
+    ok = [sys.executable, "-c", "import os; print('threads', os.environ['OMP_NUM_THREADS'])"]
+    run_parallel([("a", ok, tmp_path / "a.log"), ("b", ok, tmp_path / "b.log")], {"OMP_NUM_THREADS": "6"})
+    assert (tmp_path / "a.log").read_text().strip() == "threads 3"

@@ -42,21 +42,20 @@ class Step:
 
 
 STEPS: tuple[Step, ...] = (
-    # Full-run steps sized for ~20 min on an idle 2-core CPU at ~1.0 s a stage-2 step (the same host at 1.5 s a
-    # step took 24.4 min: README). The tokenizer and the VLM pre-training do
-    # not depend on each other, so they run side by side on one core each (measured s/step on one core:
-    # vq 0.14 at batch 8, pretrain 0.5 at batch 16); then stages 1-4 get both cores. Text-to-image is
-    # learnt in stage 2 (LLM trainable), which gets most of the time; stage 1 only aligns the new adapter
-    # and head to a frozen LLM. Measured for these numbers: the tokenizer ceiling is 0.985 after 800 steps,
-    # 0.995 after 1200, 1.000 after 2400; understanding 0.385 after 400 pre-training steps, 0.405 after 800.
-    # Each fit also costs ~10 s of start-up and each ShapesEval 10-90 s. A run with stage 2 at 560 steps
-    # (1.0-1.4 s a step) scored t2i 0.015 / und 0.44 after it but would have taken ~22 min in all.
+    # Full-run steps sized for ~17 min on an idle 2-core CPU (measured s/step with both cores: stage 2 0.53,
+    # stage 3 0.6, stage 4 1.0). The tokenizer and the VLM pre-training do not depend on each other, so they run
+    # side by side on one core each (vq 0.055 s/step at batch 8, pretrain 0.25 at batch 16); then stages 1-4 get
+    # both cores. Stage 2 teaches text-to-image (LLM trainable) at 48x48, stage 3 the other two sizes, stage 4
+    # editing, and stages 3-4 keep training the earlier tasks. Measured for these numbers: the tokenizer ceiling is
+    # 0.995 after 1200 steps; understanding 0.46 after 400 pre-training steps (0.41 at a constant LR). A run with
+    # stages 3 and 4 at 250 / 300 steps (LR 4e-4 / 3e-4): t2i 0.53, und 0.50, edit 0.04 after stage 4. Each fit
+    # also costs ~10 s of start-up and each ShapesEval 3-15 s. Slower hosts (seen: up to 2x) take longer.
     Step("vq", "shapes/vq.yaml", 1200, 120, (), "the image tokenizer", wave=0),
     Step("pretrain", "shapes/pretrain.yaml", 400, 15, ("und",), "understanding (the small VLM)", wave=0),
     Step("stage1", "shapes/stage1.yaml", 20, 5, ("t2i",), "first images (48x48)", wave=1),
-    Step("stage2", "shapes/stage2.yaml", 460, 5, ("t2i", "und"), "text-to-image with understanding", wave=2),
-    Step("stage3", "shapes/stage3.yaml", 60, 5, ("t2i", "und"), "all three sizes", wave=3),
-    Step("stage4", "shapes/stage4.yaml", 60, 5, ("t2i", "und", "edit"), "editing", wave=4),
+    Step("stage2", "shapes/stage2.yaml", 600, 5, ("t2i", "und"), "text-to-image with understanding", wave=2),
+    Step("stage3", "shapes/stage3.yaml", 250, 5, ("t2i", "und"), "all three sizes", wave=3),
+    Step("stage4", "shapes/stage4.yaml", 350, 5, ("t2i", "und", "edit"), "editing", wave=4),
 )
 KEYS = ("tokenizer_ceiling", "t2i_accuracy", "und_accuracy", "edit_accuracy")
 
