@@ -48,8 +48,11 @@ STEPS: tuple[Step, ...] = (
     # both cores. Stage 2 teaches text-to-image (LLM trainable) at 48x48, stage 3 the other two sizes, stage 4
     # editing, and stages 3-4 keep training the earlier tasks. Measured for these numbers: the tokenizer ceiling is
     # 0.995 after 1200 steps; understanding 0.46 after 400 pre-training steps (0.41 at a constant LR). A run with
-    # stages 3 and 4 at 250 / 300 steps (LR 4e-4 / 3e-4): t2i 0.53, und 0.50, edit 0.04 after stage 4. Each fit
-    # also costs ~10 s of start-up and each ShapesEval 3-15 s. Slower hosts (seen: up to 2x) take longer.
+    # stages 3 and 4 at 250 / 300 steps (LR 4e-4 / 3e-4): t2i 0.53, und 0.50, edit 0.04 after stage 4. Stage 4 is
+    # where more steps pay most (from this recipe's stage 3, 1000 stage-4 steps: t2i 0.885, edit 0.715, but ~28 min
+    # in all), but stage 2 cannot give them up: at 450 steps its t2i was 0.015 (0.355 at 600), and a 450/150/600
+    # split ended at t2i 0.555 / edit 0.09 in 1111 s. Each fit also costs ~10 s of start-up and each ShapesEval
+    # 3-15 s. Slower hosts (seen: up to 2x) take longer.
     Step("vq", "shapes/vq.yaml", 1200, 120, (), "the image tokenizer", wave=0),
     Step("pretrain", "shapes/pretrain.yaml", 400, 15, ("und",), "understanding (the small VLM)", wave=0),
     Step("stage1", "shapes/stage1.yaml", 20, 5, ("t2i",), "first images (48x48)", wave=1),
