@@ -42,23 +42,20 @@ class Step:
 
 
 STEPS: tuple[Step, ...] = (
-    # Full-run steps sized for ~17 min on an idle 2-core CPU (measured s/step with both cores: stage 2 0.53,
-    # stage 3 0.6, stage 4 1.0). The tokenizer and the VLM pre-training do not depend on each other, so they run
-    # side by side on one core each (vq 0.055 s/step at batch 8, pretrain 0.25 at batch 16); then stages 1-4 get
-    # both cores. Stage 2 teaches text-to-image (LLM trainable) at 48x48, stage 3 the other two sizes, stage 4
-    # editing, and stages 3-4 keep training the earlier tasks. Measured for these numbers: the tokenizer ceiling is
-    # 0.995 after 1200 steps; understanding 0.46 after 400 pre-training steps (0.41 at a constant LR). A run with
-    # stages 3 and 4 at 250 / 300 steps (LR 4e-4 / 3e-4): t2i 0.53, und 0.50, edit 0.04 after stage 4. Stage 4 is
-    # where more steps pay most (from this recipe's stage 3, 1000 stage-4 steps: t2i 0.885, edit 0.715, but ~28 min
-    # in all), but stage 2 cannot give them up: at 450 steps its t2i was 0.015 (0.355 at 600), and a 450/150/600
-    # split ended at t2i 0.555 / edit 0.09 in 1111 s. Each fit also costs ~10 s of start-up and each ShapesEval
-    # 3-15 s. Slower hosts (seen: up to 2x) take longer.
+    # Full-run steps sized for ~19 min on an idle 2-core CPU with AMX, where the stages train in bf16 autocast
+    # (--precision auto; measured: 1127 s in all, stage 2 2.2 steps a second). The tokenizer and the VLM
+    # pre-training do not depend on each other, so they run side by side on one core each (~110 s); then stages 1-4
+    # get both cores. Stage 2 teaches text-to-image (LLM trainable) at 48x48, stage 3 the other two sizes, stage 4
+    # editing while it keeps training the other tasks; stage 4 is where steps pay most (fp32, from one stage-3
+    # checkpoint: 350 steps t2i 0.615 / edit 0.07, 1000 steps 0.885 / 0.715), but stage 2 cannot give them up
+    # (fp32, 450 steps: t2i 0.015; 600: 0.355). Without AMX (fp32) these budgets take ~1.15-1.4x longer. Each fit
+    # also costs ~10 s of start-up and each ShapesEval 3-15 s. Slower hosts (seen: up to 2x) take longer.
     Step("vq", "shapes/vq.yaml", 1200, 120, (), "the image tokenizer", wave=0),
     Step("pretrain", "shapes/pretrain.yaml", 400, 15, ("und",), "understanding (the small VLM)", wave=0),
     Step("stage1", "shapes/stage1.yaml", 20, 5, ("t2i",), "first images (48x48)", wave=1),
     Step("stage2", "shapes/stage2.yaml", 600, 5, ("t2i", "und"), "text-to-image with understanding", wave=2),
     Step("stage3", "shapes/stage3.yaml", 250, 5, ("t2i", "und"), "all three sizes", wave=3),
-    Step("stage4", "shapes/stage4.yaml", 350, 5, ("t2i", "und", "edit"), "editing", wave=4),
+    Step("stage4", "shapes/stage4.yaml", 650, 5, ("t2i", "und", "edit"), "editing", wave=4),
 )
 KEYS = ("tokenizer_ceiling", "t2i_accuracy", "und_accuracy", "edit_accuracy")
 
@@ -265,9 +262,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steps", default=",".join(s.name for s in STEPS), help="subset of steps to run")
     parser.add_argument("--accelerator", default="auto", choices=["auto", "cpu", "gpu"],
                         help="where the fits and evaluations run (auto: a GPU when CUDA is available)")
-    parser.add_argument("--precision", default="32-true", choices=["auto", "32-true", "bf16-mixed"],
-                        help="training precision of the stages (auto: bf16-mixed on a GPU with bf16 or a CPU with "
-                             "AMX tiles, else 32-true); the tokenizer trains in 32-true and evaluations run in fp32")
+    parser.add_argument("--precision", default="auto", choices=["auto", "32-true", "bf16-mixed"],
+                        help="training precision of the stages (auto, the default: bf16-mixed on a GPU with bf16 or a CPU "
+                             "with AMX tiles, else 32-true); the tokenizer trains in 32-true and evaluations in fp32")
     parser.add_argument("--budget", default="", metavar="STEP=N,...",
                         help="training steps of named steps instead of the recipe budget (e.g. stage2=800,stage4=300)")
     parser.add_argument("--override", action="append", default=[], metavar="STEP:KEY=VALUE",
