@@ -263,8 +263,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--accelerator", default="auto", choices=["auto", "cpu", "gpu"],
                         help="where the fits and evaluations run (auto: a GPU when CUDA is available)")
     parser.add_argument("--precision", default="auto", choices=["auto", "32-true", "bf16-mixed"],
-                        help="training precision of the stages (auto, the default: bf16-mixed on a GPU with bf16 or a CPU "
-                             "with AMX tiles, else 32-true); the tokenizer trains in 32-true and evaluations in fp32")
+                        help="training precision of the stages (auto, the default: bf16-mixed on a GPU with bf16 or "
+                             "a CPU with AMX tiles, else 32-true); tokenizer and evaluations stay in fp32")
     parser.add_argument("--budget", default="", metavar="STEP=N,...",
                         help="training steps of named steps instead of the recipe budget (e.g. stage2=800,stage4=300)")
     parser.add_argument("--override", action="append", default=[], metavar="STEP:KEY=VALUE",
