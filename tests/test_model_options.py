@@ -64,15 +64,22 @@ def test_canvas_position_features_follow_raster_order_and_canvas_fractions():
     assert torch.allclose(odd[1, :32], centre[0, :32])
 
 
+def _twins(**overrides: float) -> tuple[WallarooModel, WallarooModel]:
+    """The tiny model and a copy with the same weights and these config overrides, both in eval mode."""
+    cfg = get_preset("tiny")
+    torch.manual_seed(0)
+    plain = WallarooModel(cfg).eval()
+    changed = WallarooModel(cfg.with_overrides(**overrides)).eval()
+    changed.load_state_dict(plain.state_dict())
+    return plain, changed
+
+
 def test_vit_position_scale_adds_the_place_features_to_vit_tokens():
     from datamodules import shapes_world as sw
     from wallaroo.images import VitImageProcessor
 
-    cfg = get_preset("tiny")
-    torch.manual_seed(0)
-    plain = WallarooModel(cfg).eval()
-    placed = WallarooModel(cfg.with_overrides(vit_position_scale=0.5)).eval()
-    placed.load_state_dict(plain.state_dict())
+    plain, placed = _twins(vit_position_scale=0.5)
+    cfg = plain.cfg
     rng = np.random.default_rng(0)
     pixels, thw = VitImageProcessor.for_config(cfg)([sw.render(sw.random_scene(rng), 48, 48)])
     with torch.no_grad():
@@ -110,7 +117,6 @@ def test_code_places_of_generated_and_source_blocks():
     assert _places(model, square) == [(ids.generate_start, 0, 0), (pad, 0, 1), (pad, 1, 0), (pad, 1, 1)]
     # Editing: the source pixel block's slots carry their own places, the target block as above.
     edit = collate([build_edit(tok, ids, "Remove the circle.", bucket, codes, 4, **kw)], ids.pad)
-    edit["mm_token_type_ids"][0, (edit["input_ids"][0] == ids.image_pad).nonzero().flatten()[-4:]] = 1  # ViT
     got = _places(model, edit)
     assert got[:6] == [(ids.image_pad, r, c) for r in range(2) for c in range(3)]
     assert got[6:] == _places(model, aspect)
@@ -120,11 +126,8 @@ def test_code_position_scale_adds_features_only_where_places_are():
     from wallaroo.sequences import Bucket, build_t2i, collate
     from wallaroo.tokens import tokenizer_for
 
-    cfg = get_preset("tiny")
-    torch.manual_seed(0)
-    plain = WallarooModel(cfg).eval()
-    placed = WallarooModel(cfg.with_overrides(code_position_scale=0.5)).eval()
-    placed.load_state_dict(plain.state_dict())
+    plain, placed = _twins(code_position_scale=0.5)
+    cfg = plain.cfg
     tok, ids = tokenizer_for(cfg)
     batch = collate([build_t2i(tok, ids, "a red circle", Bucket(w=72, h=48), torch.arange(6).view(2, 3),
                                lang="en", template_index=0, layout="aspect", ds=24)], ids.pad)
