@@ -48,12 +48,23 @@ class OptimConfig:
     schedule: str = "constant"
     min_lr_ratio: float = 0.1
     total_steps: int | None = None
+    # Per-part LR multipliers of a Wallaroo model ({"vit": 0.1}: the ViT and merger at a tenth of ``lr``); parts
+    # are those of wallaroo.freezing. Unnamed parts train at ``lr``.
+    lr_scale: dict[str, float] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if self.schedule not in ("constant", "cosine"):
             raise ValueError(f"optim.schedule must be 'constant' or 'cosine', got {self.schedule!r}")
         if self.lr <= 0:
             raise ValueError(f"optim.lr must be positive, got {self.lr}")
+        from wallaroo.freezing import PARTS
+
+        self.lr_scale = {str(k): float(v) for k, v in (self.lr_scale or {}).items()}
+        for part, scale in self.lr_scale.items():
+            if part not in PARTS:
+                raise ValueError(f"optim.lr_scale: unknown part {part!r}; parts are {', '.join(PARTS)}")
+            if not scale > 0:
+                raise ValueError(f"optim.lr_scale.{part} must be positive, got {scale}")
 
 
 @dataclass
@@ -86,18 +97,36 @@ def lr_lambda(step: int, warmup: int, total: int | None, schedule: str, min_rati
     return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
-def param_groups(module: torch.nn.Module, weight_decay: float) -> list[dict[str, Any]]:
-    """Trainable parameters in two groups by rule: decay for matrices, none for ``ndim <= 1`` (norms,
-    biases). Asserts the groups partition the trainable parameters."""
-    decay, no_decay = [], []
+def param_groups(
+    module: torch.nn.Module, weight_decay: float, lr: float | None = None, lr_scale: dict[str, float] | None = None
+) -> list[dict[str, Any]]:
+    """Trainable parameters in groups by rule: decay for matrices, none for ``ndim <= 1`` (norms, biases);
+    with ``lr_scale`` ({part: multiplier}, parts of ``wallaroo.freezing``), each scaled part in groups of its
+    own at ``lr * multiplier``. Asserts the groups partition the trainable parameters."""
+    scaled: dict[int, str] = {}
+    if lr_scale:
+        from wallaroo.freezing import part_modules
+
+        parts = part_modules(module)
+        for part in lr_scale:
+            for m in parts.get(part, []):
+                scaled.update({id(p): part for p in m.parameters()})
+    buckets: dict[tuple[str | None, bool], list[torch.nn.Parameter]] = {}
     for p in module.parameters():
         if p.requires_grad:
-            (no_decay if p.ndim <= 1 else decay).append(p)
+            buckets.setdefault((scaled.get(id(p)), p.ndim > 1), []).append(p)
     trainable = {id(p) for p in module.parameters() if p.requires_grad}
-    grouped = [id(p) for p in decay + no_decay]
+    grouped = [id(p) for ps in buckets.values() for p in ps]
     assert len(grouped) == len(set(grouped)) and set(grouped) == trainable, "optimiser groups must partition"
-    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    return [g for g in groups if g["params"]]
+    groups = []
+    for part in [None, *sorted(lr_scale or {})]:
+        for decays in (True, False):
+            if ps := buckets.get((part, decays)):
+                g: dict[str, Any] = {"params": ps, "weight_decay": weight_decay if decays else 0.0}
+                if part is not None:
+                    g.update(lr=(lr if lr is not None else 1e-3) * lr_scale[part], part=part)
+                groups.append(g)
+    return groups
 
 
 def clean_overrides(overrides: dict[str, Any] | None) -> dict[str, Any]:
@@ -108,7 +137,8 @@ def clean_overrides(overrides: dict[str, Any] | None) -> dict[str, Any]:
 
 def build_optimizer(module: torch.nn.Module, o: OptimConfig, max_steps: int) -> dict[str, Any]:
     """AdamW over ``param_groups`` and a per-step LambdaLR; the cosine horizon defaults to ``max_steps``."""
-    opt = torch.optim.AdamW(param_groups(module, o.weight_decay), lr=o.lr, betas=tuple(o.betas), eps=o.eps)
+    groups = param_groups(module, o.weight_decay, o.lr, o.lr_scale)
+    opt = torch.optim.AdamW(groups, lr=o.lr, betas=tuple(o.betas), eps=o.eps)
     total = o.total_steps or (max_steps if max_steps > 0 else None)
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda s: lr_lambda(s, o.warmup_steps, total, o.schedule, o.min_lr_ratio)

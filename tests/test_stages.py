@@ -103,6 +103,28 @@ def test_param_groups_partition_by_rule():
     assert n == sum(p.numel() for p in model.parameters() if p.requires_grad)
 
 
+def test_lr_scale_puts_a_part_in_groups_of_its_own_at_its_lr():
+    from stages.pretrain import VLMPretrain
+
+    stage = VLMPretrain(preset="tiny", optim=OptimConfig(lr=1e-3, weight_decay=0.1, lr_scale={"vit": 0.1}))
+    stage.configure_model()
+    opt = stage.configure_optimizers()["optimizer"]
+    vit = {id(p) for p in stage.model.backbone.model.visual.parameters()}
+    assert vit and all(p.requires_grad for p in stage.model.backbone.model.visual.parameters())
+    for g in opt.param_groups:
+        ids = {id(p) for p in g["params"]}
+        if g.get("part") == "vit":
+            assert ids <= vit and g["lr"] == pytest.approx(1e-4)
+        else:
+            assert not ids & vit and g["lr"] == pytest.approx(1e-3)
+    assert {id(p) for g in opt.param_groups if g.get("part") == "vit" for p in g["params"]} == vit
+    assert {g["weight_decay"] for g in opt.param_groups if g.get("part") == "vit"} == {0.0, 0.1}
+    with pytest.raises(ValueError, match="unknown part 'visual'"):
+        OptimConfig(lr_scale={"visual": 0.1})
+    with pytest.raises(ValueError, match="lr_scale.vit must be positive"):
+        OptimConfig(lr_scale={"vit": 0})
+
+
 def test_lr_schedules():
     assert lr_lambda(0, 10, 100, "constant", 0.1) == pytest.approx(0.1)
     assert lr_lambda(9, 10, 100, "constant", 0.1) == 1.0
