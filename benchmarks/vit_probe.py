@@ -8,7 +8,9 @@ features of ``vit_position_scale``), computed once for random 48x48 scenes. Two 
 1. **linear**: one Linear over all tokens of a one-object image (standardised), its shape and its colour;
 2. **attention reader**: the LLM's problem without the words. A learned query per cell attends once over the
    tokens of a 1-3 object scene (RMSNorm, keys, values, a GELU MLP) and names the shape in that cell. Batch 16,
-   AdamW at 1e-3, accuracy at a few step counts, to set against the LLM's shape questions at the same steps.
+   AdamW at 1e-3, accuracy at a few step counts, to set against the LLM's shape questions at the same steps;
+3. **word reader**: the same, queried by the mean of learned embeddings of the place phrase's tokens (the model's
+   tokenizer on "the top left", "左上", ...), once per language.
 """
 
 from __future__ import annotations
@@ -56,6 +58,10 @@ def linear_probe(x: torch.Tensor, y: torch.Tensor, classes: int, n_train: int) -
         return float((net(x[n_train:]).argmax(1) == y[n_train:]).float().mean())
 
 
+PLACES_EN = ("top left", "top", "top right", "left", "center", "right", "bottom left", "bottom", "bottom right")
+PLACES_ZH = ("左上", "上方", "右上", "左侧", "中间", "右侧", "左下", "下方", "右下")
+
+
 class CellReader(nn.Module):
     """One attention read over the image tokens, queried by a learned vector per cell."""
 
@@ -68,9 +74,43 @@ class CellReader(nn.Module):
         self.out = nn.Sequential(nn.Linear(dim, 2 * dim), nn.GELU(), nn.Linear(2 * dim, len(SHAPES)))
 
     def forward(self, tokens: torch.Tensor, cell: torch.Tensor) -> torch.Tensor:
+        return self.read(tokens, self.query(cell))
+
+    def read(self, tokens: torch.Tensor, query: torch.Tensor) -> torch.Tensor:
         x = self.norm(tokens)
-        att = torch.einsum("bd,btd->bt", self.query(cell), self.key(x)) / x.shape[-1] ** 0.5
+        att = torch.einsum("bd,btd->bt", query, self.key(x)) / x.shape[-1] ** 0.5
         return self.out(torch.einsum("bt,btd->bd", att.softmax(-1), self.value(x)))
+
+
+class WordReader(CellReader):
+    """The reader queried by the mean embedding of a place phrase's token ids (``-1`` pads)."""
+
+    def __init__(self, dim: int, vocab: int) -> None:
+        super().__init__(dim)
+        self.words = nn.Embedding(vocab, dim)
+
+    def forward(self, tokens: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+        keep = (ids >= 0).float()
+        emb = self.words(ids.clamp(min=0)) * keep[..., None]
+        return self.read(tokens, emb.sum(1) / keep.sum(1, keepdim=True))
+
+
+def train_reader(reader, feats, img, query, y, n_train: int, marks: list[int]) -> dict[int, float]:
+    """Batch-16 AdamW (1e-3) training; held-out accuracy at each step in ``marks``."""
+    opt = torch.optim.AdamW(reader.parameters(), 1e-3)
+    g = torch.Generator().manual_seed(0)
+    acc = {}
+    for step in range(1, marks[-1] + 1):
+        b = torch.randint(0, n_train, (16,), generator=g)
+        loss = nn.functional.cross_entropy(reader(feats[img[b]], query[b]), y[b])
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        if step in marks:
+            with torch.no_grad():
+                pred = reader(feats[img[n_train:]], query[n_train:]).argmax(1)
+            acc[step] = float((pred == y[n_train:]).float().mean())
+    return acc
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -85,7 +125,7 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args(argv)
     torch.manual_seed(0)
-    model, _, _, _ = build_from_weights(args.ckpt, device="cpu", dtype=torch.float32)
+    model, _, tok, _ = build_from_weights(args.ckpt, device="cpu", dtype=torch.float32)
     if args.vit_scale is not None:
         model.cfg = model.cfg.with_overrides(vit_scale=args.vit_scale)
     rng = np.random.default_rng(0)
@@ -107,21 +147,16 @@ def main(argv: list[str] | None = None) -> dict:
     pairs = [(i, o.cell[0] * 3 + o.cell[1], SHAPES.index(o.shape)) for i, s in enumerate(scenes) for o in s]
     img, cell, y = (torch.tensor(c) for c in zip(*pairs, strict=True))
     n_train = int(0.85 * len(pairs))
-    reader = CellReader(feats.shape[-1])
-    opt = torch.optim.AdamW(reader.parameters(), 1e-3)
-    g = torch.Generator().manual_seed(0)
     marks = sorted(int(s) for s in args.steps.split(","))
-    result["reader_shape"] = {}
-    for step in range(1, marks[-1] + 1):
-        b = torch.randint(0, n_train, (16,), generator=g)
-        loss = nn.functional.cross_entropy(reader(feats[img[b]], cell[b]), y[b])
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        if step in marks:
-            with torch.no_grad():
-                pred = reader(feats[img[n_train:]], cell[n_train:]).argmax(1)
-            result["reader_shape"][step] = float((pred == y[n_train:]).float().mean())
+    result["reader_shape"] = train_reader(CellReader(feats.shape[-1]), feats, img, cell, y, n_train, marks)
+
+    # 3. the word-queried reader, per language
+    for lang, places in (("en", [f"the {p}" for p in PLACES_EN]), ("zh", list(PLACES_ZH))):
+        ids = [tok.encode(places[c], add_special_tokens=False) for c in cell.tolist()]
+        width = max(map(len, ids))
+        ids = torch.tensor([i + [-1] * (width - len(i)) for i in ids])
+        reader = WordReader(feats.shape[-1], int(ids.max()) + 1)
+        result[f"word_reader_shape_{lang}"] = train_reader(reader, feats, img, ids, y, n_train, marks)
     if args.json:
         print(json.dumps(result))
     else:
@@ -129,7 +164,8 @@ def main(argv: list[str] | None = None) -> dict:
         shape, colour = result["linear_shape"], result["linear_colour"]
         print(f"linear probe, one-object scenes: shape {shape:.3f}, colour {colour:.3f}")
         for step, acc in result["reader_shape"].items():
-            print(f"cell-queried attention reader, step {step}: shape in the cell {acc:.3f}")
+            en, zh = result["word_reader_shape_en"][step], result["word_reader_shape_zh"][step]
+            print(f"step {step}: shape in the cell, cell-queried reader {acc:.3f}, word-queried {en:.3f} / {zh:.3f}")
     return result
 
 
