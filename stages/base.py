@@ -27,7 +27,7 @@ from torch import Tensor
 
 from wallaroo.cli_errors import RunStopped
 from wallaroo.config import WallarooConfig, get_preset
-from wallaroo.freezing import set_trainable
+from wallaroo.freezing import PARTS, part_modules, set_trainable
 from wallaroo.model import WallarooModel
 from wallaroo.parallel import ParallelConfig
 from wallaroo.vq import VQModel, build_vq
@@ -57,8 +57,6 @@ class OptimConfig:
             raise ValueError(f"optim.schedule must be 'constant' or 'cosine', got {self.schedule!r}")
         if self.lr <= 0:
             raise ValueError(f"optim.lr must be positive, got {self.lr}")
-        from wallaroo.freezing import PARTS
-
         self.lr_scale = {str(k): float(v) for k, v in (self.lr_scale or {}).items()}
         for part, scale in self.lr_scale.items():
             if part not in PARTS:
@@ -98,15 +96,15 @@ def lr_lambda(step: int, warmup: int, total: int | None, schedule: str, min_rati
 
 
 def param_groups(
-    module: torch.nn.Module, weight_decay: float, lr: float | None = None, lr_scale: dict[str, float] | None = None
+    module: torch.nn.Module, weight_decay: float, lr: float = 0.0, lr_scale: dict[str, float] | None = None
 ) -> list[dict[str, Any]]:
     """Trainable parameters in groups by rule: decay for matrices, none for ``ndim <= 1`` (norms, biases);
-    with ``lr_scale`` ({part: multiplier}, parts of ``wallaroo.freezing``), each scaled part in groups of its
-    own at ``lr * multiplier``. Asserts the groups partition the trainable parameters."""
+    with ``lr_scale`` ({part: multiplier}, parts of ``wallaroo.freezing`` of a ``WallarooModel``), each scaled
+    part in groups of its own at ``lr * multiplier``. Asserts the groups partition the trainable parameters."""
     scaled: dict[int, str] = {}
     if lr_scale:
-        from wallaroo.freezing import part_modules
-
+        if not lr > 0 or not isinstance(module, WallarooModel):
+            raise ValueError("optim.lr_scale needs a positive lr and a Wallaroo model (parts of wallaroo.freezing)")
         parts = part_modules(module)
         for part in lr_scale:
             for m in parts.get(part, []):
@@ -124,7 +122,7 @@ def param_groups(
             if ps := buckets.get((part, decays)):
                 g: dict[str, Any] = {"params": ps, "weight_decay": weight_decay if decays else 0.0}
                 if part is not None:
-                    g.update(lr=(lr if lr is not None else 1e-3) * lr_scale[part], part=part)
+                    g.update(lr=lr * lr_scale[part], part=part)
                 groups.append(g)
     return groups
 
