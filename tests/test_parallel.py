@@ -437,3 +437,64 @@ def test_consolidate_is_a_convert_subcommand():
     assert "consolidate" in SUBCOMMANDS
     args = build_parser().parse_args(["consolidate", "--ckpt", "a.ckpt", "--out", "b.safetensors"])
     assert args.ckpt == "a.ckpt" and args.out == "b.safetensors"
+
+
+def test_compile_llm_trains_through_the_compiled_model_and_keeps_keys_and_numbers():
+    import copy
+
+    from wallaroo.config import get_preset
+    from wallaroo.model import WallarooModel
+    from wallaroo.vq import build_vq
+
+    torch.manual_seed(0)
+    cfg = get_preset("tiny", attn_implementation="sdpa")
+    model, vq = WallarooModel(cfg), build_vq(cfg.vq).eval()
+    compiled = copy.deepcopy(model)
+    calls: list[int] = []
+
+    def backend(gm: torch.fx.GraphModule, example_inputs: list) -> Any:
+        def run(*args: Any) -> Any:
+            calls.append(1)
+            return gm.forward(*args)
+
+        return run
+
+    compiled.compile_llm(backend=backend)
+    assert compiled.compiled_llm is not None and model.compiled_llm is None
+    assert list(compiled.state_dict()) == list(model.state_dict())
+    batch = _t2i_batch(cfg, vq)
+    losses, grads = [], []
+    for m in (model, compiled):
+        m.train()
+        m.zero_grad()
+        out = m(batch, "t2i", vq.quantize.embedding.weight)
+        out.loss.backward()
+        losses.append(out.loss.detach())
+        grads.append(m.language_model.embed_tokens.weight.grad.clone())
+    assert calls, "the training forward did not run the compiled text model"
+    torch.testing.assert_close(losses[0], losses[1])
+    torch.testing.assert_close(grads[0], grads[1], atol=1e-6, rtol=1e-4)
+    calls.clear()
+    compiled.eval()
+    with torch.no_grad():
+        compiled(batch, "t2i", vq.quantize.embedding.weight)
+    assert not calls, "evaluation must keep the eager text model"
+
+
+def test_compile_is_refused_with_fsdp_and_skipped_without_a_compiler(monkeypatch):
+    import torch._inductor.config as inductor_config
+
+    from stages.stage2 import Stage2
+    from wallaroo.model import WallarooModel
+    from wallaroo.parallel import compile_unavailable, configure_unsharded
+
+    for strategy in ("fsdp", "fsdp2"):
+        with pytest.raises(ValueError, match="parallel.compile is for one device or ddp"):
+            ParallelConfig(strategy=strategy, compile=True)
+    monkeypatch.setattr(inductor_config.cpp, "cxx", (None, "no-such-c++-compiler"))
+    assert "no C++ compiler" in compile_unavailable(torch.device("cpu"))
+    stage = Stage2(preset="tiny", parallel=ParallelConfig(compile=True))
+    stage.model = WallarooModel(stage.model_config)
+    with pytest.warns(UserWarning, match="training without torch.compile"):
+        configure_unsharded(stage)
+    assert stage.model.compiled_llm is None

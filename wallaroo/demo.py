@@ -305,8 +305,9 @@ def main(argv: list[str] | None = None) -> int:
                    "--trainer.accelerator", accelerator]
             if step.name != "vq":
                 cmd += ["--trainer.precision", precision]
-            if args.quick:
-                cmd += ["--model.init_args.preview.every_n_steps", "0"] if step.name != "vq" else []
+            if args.quick and step.name != "vq":
+                # A few steps: no previews, and no torch.compile (its first steps cost more than 5 steps save).
+                cmd += ["--model.init_args.preview.every_n_steps", "0", "--model.init_args.parallel.compile", "false"]
             for where, key, value in fit_overrides:
                 if where == step.name or (where == "stages" and step.name not in ("vq", "pretrain")):
                     cmd += [f"--{key}", value]

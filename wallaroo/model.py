@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import importlib.util
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
@@ -365,9 +365,24 @@ class WallarooModel(nn.Module):
         position_ids = position_ids.masked_fill(~attention_mask.bool()[None], 1)
         return PreparedInputs(embeds, position_ids, attention_mask, rope_deltas)
 
+    def compile_llm(self, **compile_kwargs: Any) -> None:
+        """``torch.compile`` the text model (dynamic shapes) for :meth:`decode` in training mode; evaluation and
+        sampling (KV caches) keep the eager module. The compiled wrapper is kept out of the module tree, so
+        parameters, ``state_dict`` keys and checkpoints are those of the eager model. ``compile_kwargs`` go to
+        ``torch.compile`` (tests pass ``backend="eager"``)."""
+        compile_kwargs.setdefault("dynamic", True)
+        self.__dict__["_compiled_llm"] = torch.compile(self.language_model, **compile_kwargs)
+
+    @property
+    def compiled_llm(self) -> nn.Module | None:
+        """The text model compiled by :meth:`compile_llm`, or ``None``."""
+        return self.__dict__.get("_compiled_llm")
+
     def decode(self, prepared: PreparedInputs, **kwargs: object) -> Tensor:
-        """Last hidden states (after the final norm) for prepared inputs."""
-        out = self.language_model(
+        """Last hidden states (after the final norm) for prepared inputs (through the compiled text model in
+        training mode when :meth:`compile_llm` made one)."""
+        llm = self.compiled_llm if self.training and self.compiled_llm is not None else self.language_model
+        out = llm(
             inputs_embeds=prepared.inputs_embeds,
             attention_mask=prepared.attention_mask,
             position_ids=prepared.position_ids,

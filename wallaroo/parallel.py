@@ -34,6 +34,7 @@ import copy
 import json
 import logging
 import os
+import warnings
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -85,6 +86,11 @@ class ParallelConfig:
             ``tensor_parallel_size`` ranks and replicated over ``data_parallel_size`` groups (set
             ``tensor_parallel_size`` to the GPUs per node for intra-node sharding). ``False``: shard over all
             ranks.
+        compile: ``torch.compile`` the LLM (the whole text model, dynamic shapes) for training forwards
+            (``WallarooModel.compile_llm``); evaluation and sampling stay eager. One device or DDP (FSDP is
+            refused: not measured). Where TorchInductor has no compiler (no C++ compiler on a CPU, no Triton on
+            a GPU) the stage warns and trains eagerly. The first steps pay the compilation (about a minute on 2
+            CPU cores, ~10 s with a warm cache); measured in ``benchmarks/compile_step.py``.
     """
 
     strategy: Literal["auto", "ddp", "fsdp", "fsdp2"] = "auto"
@@ -93,10 +99,15 @@ class ParallelConfig:
     reduce_dtype: Literal["bf16", "fp16", "fp32"] = "fp32"
     reshard_after_forward: bool = True
     hsdp: bool = False
+    compile: bool = False
 
     def __post_init__(self) -> None:
         if self.strategy not in STRATEGIES:
             raise ValueError(f"parallel.strategy must be one of {STRATEGIES}, got {self.strategy!r}")
+        if self.compile and self.strategy in ("fsdp", "fsdp2"):
+            raise ValueError(
+                f"parallel.compile is for one device or ddp; with parallel.strategy={self.strategy!r} set it to false"
+            )
         for name in ("param_dtype", "reduce_dtype"):
             if getattr(self, name) not in DTYPES:
                 raise ValueError(f"parallel.{name} must be one of {sorted(DTYPES)}, got {getattr(self, name)!r}")
@@ -347,6 +358,8 @@ def parallelize_stage(stage: WallarooStage) -> None:
             f"model.parallel.strategy={cfg.strategy!r} but the trainer runs ModelParallelStrategy (FSDP2); set "
             "parallel.strategy: fsdp2 or choose the matching trainer.strategy"
         )
+    if cfg.compile:
+        raise ValueError("parallel.compile is for one device or ddp, not FSDP2 (ModelParallelStrategy); set it false")
     if stage.model is not None:
         raise RuntimeError("parallelize_stage builds the model itself; it is already built")
     device = _mesh_device(mesh)
@@ -413,6 +426,35 @@ def configure_unsharded(stage: WallarooStage) -> None:
             )
     if cfg.activation_checkpointing:
         apply_activation_checkpointing(stage.model)
+    if cfg.compile:
+        if trainer is not None:
+            from lightning.pytorch.strategies import FSDPStrategy
+
+            if isinstance(trainer.strategy, FSDPStrategy):
+                raise ValueError("parallel.compile is for one device or ddp, not FSDP; set it to false")
+            device = trainer.strategy.root_device
+        else:
+            device = torch.device("cpu")
+        why_not = compile_unavailable(device)
+        if why_not:
+            warnings.warn(f"parallel.compile: {why_not}; training without torch.compile", stacklevel=2)
+        else:
+            stage.model.compile_llm()
+
+
+def compile_unavailable(device: torch.device) -> str | None:
+    """Why TorchInductor cannot compile for ``device`` on this machine, or ``None`` when it can."""
+    if device.type == "cuda":
+        from torch.utils._triton import has_triton
+
+        return None if has_triton() else "Triton is not installed"
+    try:
+        from torch._inductor.cpp_builder import get_cpp_compiler
+
+        get_cpp_compiler()
+    except Exception as e:  # any failure to find or run one means no compiler
+        return f"TorchInductor finds no C++ compiler ({type(e).__name__})"
+    return None
 
 
 # ----------------------------------------------------------------------------------------------------
