@@ -43,19 +43,20 @@ class Step:
 
 STEPS: tuple[Step, ...] = (
     # Full-run steps sized for ~19 min on an idle 2-core CPU with AMX, where the stages train in bf16 autocast
-    # (--precision auto; measured: 1127 s in all, stage 2 2.2 steps a second). The tokenizer and the VLM
-    # pre-training do not depend on each other, so they run side by side on one core each (~110 s); then stages 1-4
-    # get both cores. Stage 2 teaches text-to-image (LLM trainable) at 48x48, stage 3 the other two sizes, stage 4
-    # editing while it keeps training the other tasks; stage 4 is where steps pay most (fp32, from one stage-3
-    # checkpoint: 350 steps t2i 0.615 / edit 0.07, 1000 steps 0.885 / 0.715), but stage 2 cannot give them up
-    # (fp32, 450 steps: t2i 0.015; 600: 0.355). Without AMX (fp32) these budgets take ~1.15-1.4x longer. Each fit
-    # also costs ~10 s of start-up and each ShapesEval 3-15 s. Slower hosts (seen: up to 2x) take longer.
+    # (--precision auto) and stages 2-4 with the LLM torch.compile-d (parallel.compile; stage 4 0.79x the step time,
+    # benchmarks/compile_step.py). The tokenizer and the VLM pre-training do not depend on each other, so they run
+    # side by side on one core each (~110 s); then stages 1-4 get both cores. Stage 2 teaches text-to-image (LLM
+    # trainable) at 48x48, stage 3 the other two sizes, stage 4 editing while it keeps training the other tasks;
+    # stage 4 is where steps pay most (from one stage-3 checkpoint, compiled, bf16: 650 -> 880 steps of the earlier
+    # stage-4 mix took edit 0.135 -> 0.37 and t2i 0.85 -> 0.945), but stage 2 cannot give them up (fp32, 450 steps:
+    # t2i 0.015; 600: 0.355). Without AMX (fp32) these budgets take ~1.15-1.4x longer. Each fit also costs ~10 s
+    # of start-up and each ShapesEval 3-15 s. Slower hosts (seen: up to 2x) take longer.
     Step("vq", "shapes/vq.yaml", 1200, 120, (), "the image tokenizer", wave=0),
     Step("pretrain", "shapes/pretrain.yaml", 400, 15, ("und",), "understanding (the small VLM)", wave=0),
     Step("stage1", "shapes/stage1.yaml", 20, 5, ("t2i",), "first images (48x48)", wave=1),
     Step("stage2", "shapes/stage2.yaml", 600, 5, ("t2i", "und"), "text-to-image with understanding", wave=2),
     Step("stage3", "shapes/stage3.yaml", 250, 5, ("t2i", "und"), "all three sizes", wave=3),
-    Step("stage4", "shapes/stage4.yaml", 650, 5, ("t2i", "und", "edit"), "editing", wave=4),
+    Step("stage4", "shapes/stage4.yaml", 800, 5, ("t2i", "und", "edit"), "editing", wave=4),
 )
 KEYS = ("tokenizer_ceiling", "t2i_accuracy", "und_accuracy", "edit_accuracy")
 
