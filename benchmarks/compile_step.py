@@ -2,8 +2,8 @@
 
     python benchmarks/compile_step.py [--json] [--stage stage4] [--steps 40] [--warmup 10]
 
-A ShapesWorld stage of the ``shapes`` preset with its recipe's batch sizes (stage 4: t2i 32 + und 16 + edit 16;
-stage 2: t2i 32 + und 16) on freshly written ShapesWorld shards, trained through Lightning exactly as
+A ShapesWorld stage of the ``shapes`` preset with the batch sizes of its recipe (``stages/shapes/<stage>.yaml``)
+on freshly written ShapesWorld shards, trained through Lightning exactly as
 ``wallaroo.fit`` trains it, at the demo's precision (bf16 autocast on a CPU with AMX, else fp32). Each variant
 runs in a fresh process: ``--warmup`` steps (the compiled variant compiles in them), then ``--steps`` timed
 steps. Printed: seconds per timed step of each, ``step_time_ratio`` (compiled / eager, below 1 is faster) and
@@ -24,26 +24,30 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-BATCHES = {
-    "stage2": {"t2i": 32, "und": 16},
-    "stage4": {"t2i": 32, "und": 16, "edit": 16},
-}
+RECIPES = Path(__file__).resolve().parents[1] / "stages" / "shapes"
+STAGES = ("stage2", "stage4")
+
+
+def recipe_batches(stage_name: str) -> dict[str, int]:
+    """``{task: batch_size}`` of the ShapesWorld recipe's data section."""
+    import yaml
+
+    data = yaml.safe_load((RECIPES / f"{stage_name}.yaml").read_text())["data"]["init_args"]
+    return {t: int(data[t]["batch_size"]) for t in ("t2i", "und", "edit") if data.get(t)}
 
 
 def run_variant(stage_name: str, compile_llm: bool, data: str, warmup: int, steps: int) -> dict[str, Any]:
     import lightning as L
-    import torch
 
     from datamodules import WallarooDataModule
     from stages import Stage2, Stage4
     from wallaroo.demo import auto_precision
     from wallaroo.parallel import ParallelConfig
 
-    torch.set_num_threads(max(torch.get_num_threads(), 1))
     cls = {"stage2": Stage2, "stage4": Stage4}[stage_name]
     overrides = {"buckets": "shapes", "t2i_layout": "aspect", "code_position_scale": 0.35}
     stage = cls(preset="shapes", overrides=overrides, parallel=ParallelConfig(compile=compile_llm))
-    tasks = BATCHES[stage_name]
+    tasks = recipe_batches(stage_name)
     dm = WallarooDataModule(
         **{t: {"shards": f"{data}/{t}", "batch_size": bs, "templates": 1} for t, bs in tasks.items()},
         num_workers=1,
@@ -78,7 +82,7 @@ def run_variant(stage_name: str, compile_llm: bool, data: str, warmup: int, step
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--stage", choices=sorted(BATCHES), default="stage4")
+    ap.add_argument("--stage", choices=STAGES, default="stage4")
     ap.add_argument("--steps", type=int, default=40, help="timed steps per variant")
     ap.add_argument("--warmup", type=int, default=10, help="untimed first steps (compilation happens here)")
     ap.add_argument("--json", action="store_true")
@@ -95,7 +99,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     from datamodules.shapes import write_shapes_shards
 
     with tempfile.TemporaryDirectory() as tmp:
-        write_shapes_shards(tmp, 2000, seed=0, tasks=tuple(BATCHES[a.stage]))
+        write_shapes_shards(tmp, 2000, seed=0, tasks=tuple(recipe_batches(a.stage)))
         runs: dict[str, dict[str, Any]] = {}
         for variant in ("eager", "compiled"):
             cmd = [sys.executable, __file__, "--variant", variant, "--data", tmp, "--stage", a.stage,
@@ -108,6 +112,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     eager, comp = runs["eager"], runs["compiled"]
     result = {
         "stage": a.stage,
+        "batches": recipe_batches(a.stage),
         "steps": a.steps,
         "precision": eager["precision"],
         "compiled": comp["compiled"],  # False where TorchInductor had no compiler (the stage warned)
