@@ -26,8 +26,12 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-SHAPES = ("square", "circle", "triangle", "diamond")
-COLOURS = ("red", "green", "blue", "yellow", "purple", "orange")
+from datamodules import shapes_world as sw  # noqa: E402
+
+SHAPES = tuple(sw.SHAPES)
+COLOURS = tuple(sw.COLOURS)
+# The nine places in cell order (row * 3 + column), as the questions name them.
+PLACES = [sw.POSITIONS[(r, c)] for r in range(3) for c in range(3)]
 
 
 def features(model, cfg, images: list[np.ndarray]) -> torch.Tensor:
@@ -56,10 +60,6 @@ def linear_probe(x: torch.Tensor, y: torch.Tensor, classes: int, n_train: int) -
         opt.step()
     with torch.no_grad():
         return float((net(x[n_train:]).argmax(1) == y[n_train:]).float().mean())
-
-
-PLACES_EN = ("top left", "top", "top right", "left", "center", "right", "bottom left", "bottom", "bottom right")
-PLACES_ZH = ("左上", "上方", "右上", "左侧", "中间", "右侧", "左下", "下方", "右下")
 
 
 class CellReader(nn.Module):
@@ -114,7 +114,6 @@ def train_reader(reader, feats, img, query, y, n_train: int, marks: list[int]) -
 
 
 def main(argv: list[str] | None = None) -> dict:
-    from datamodules.shapes_world import ShapeObject, make_scene, random_scene, render
     from wallaroo.weights import build_from_weights
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -133,17 +132,17 @@ def main(argv: list[str] | None = None) -> dict:
 
     # 1. linear probes on one-object scenes
     objs = [
-        ShapeObject(COLOURS[rng.integers(6)], SHAPES[rng.integers(4)], (int(rng.integers(3)), int(rng.integers(3))))
+        sw.ShapeObject(COLOURS[rng.integers(6)], SHAPES[rng.integers(4)], (int(rng.integers(3)), int(rng.integers(3))))
         for _ in range(1500)
     ]
-    feats = features(model, model.cfg, [render(make_scene([o]), 48, 48) for o in objs])
+    feats = features(model, model.cfg, [sw.render(sw.make_scene([o]), 48, 48) for o in objs])
     result["tokens_per_image"] = int(feats.shape[1])
     result["linear_shape"] = linear_probe(feats, torch.tensor([SHAPES.index(o.shape) for o in objs]), 4, 1200)
     result["linear_colour"] = linear_probe(feats, torch.tensor([COLOURS.index(o.colour) for o in objs]), 6, 1200)
 
     # 2. the cell-queried attention reader on 1-3 object scenes
-    scenes = [random_scene(rng, size=(48, 48)) for _ in range(args.scenes)]
-    feats = features(model, model.cfg, [render(s, 48, 48) for s in scenes])
+    scenes = [sw.random_scene(rng, size=(48, 48)) for _ in range(args.scenes)]
+    feats = features(model, model.cfg, [sw.render(s, 48, 48) for s in scenes])
     pairs = [(i, o.cell[0] * 3 + o.cell[1], SHAPES.index(o.shape)) for i, s in enumerate(scenes) for o in s]
     img, cell, y = (torch.tensor(c) for c in zip(*pairs, strict=True))
     n_train = int(0.85 * len(pairs))
@@ -151,7 +150,7 @@ def main(argv: list[str] | None = None) -> dict:
     result["reader_shape"] = train_reader(CellReader(feats.shape[-1]), feats, img, cell, y, n_train, marks)
 
     # 3. the word-queried reader, per language
-    for lang, places in (("en", [f"the {p}" for p in PLACES_EN]), ("zh", list(PLACES_ZH))):
+    for lang, places in (("en", [f"the {p.en}" for p in PLACES]), ("zh", [p.zh for p in PLACES])):
         ids = [tok.encode(places[c], add_special_tokens=False) for c in cell.tolist()]
         width = max(map(len, ids))
         ids = torch.tensor([i + [-1] * (width - len(i)) for i in ids])

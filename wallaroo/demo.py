@@ -43,7 +43,7 @@ class Step:
 
 STEPS: tuple[Step, ...] = (
     # Full-run steps sized for ~19 min on an idle 2-core CPU with AMX, where the stages train in bf16 autocast
-    # (--precision auto) and stages 2-4 with the LLM torch.compile-d (parallel.compile; stage 4 0.79x the step time,
+    # (--precision auto) and stages 2-4 with the LLM torch.compile-d (parallel.compile; stage 4 0.75x the step time,
     # benchmarks/compile_step.py). The tokenizer and the VLM pre-training do not depend on each other, so they run
     # side by side on one core each (~110 s); then stages 1-4 get both cores. Stage 2 teaches text-to-image (LLM
     # trainable) at 48x48, stage 3 the other two sizes, stage 4 editing while it keeps training the other tasks;

@@ -105,9 +105,7 @@ class ParallelConfig:
         if self.strategy not in STRATEGIES:
             raise ValueError(f"parallel.strategy must be one of {STRATEGIES}, got {self.strategy!r}")
         if self.compile and self.strategy in ("fsdp", "fsdp2"):
-            raise ValueError(
-                f"parallel.compile is for one device or ddp; with parallel.strategy={self.strategy!r} set it to false"
-            )
+            raise ValueError(compile_refused(f"parallel.strategy={self.strategy!r}"))
         for name in ("param_dtype", "reduce_dtype"):
             if getattr(self, name) not in DTYPES:
                 raise ValueError(f"parallel.{name} must be one of {sorted(DTYPES)}, got {getattr(self, name)!r}")
@@ -359,7 +357,7 @@ def parallelize_stage(stage: WallarooStage) -> None:
             "parallel.strategy: fsdp2 or choose the matching trainer.strategy"
         )
     if cfg.compile:
-        raise ValueError("parallel.compile is for one device or ddp, not FSDP2 (ModelParallelStrategy); set it false")
+        raise ValueError(compile_refused("FSDP2 (ModelParallelStrategy)"))
     if stage.model is not None:
         raise RuntimeError("parallelize_stage builds the model itself; it is already built")
     device = _mesh_device(mesh)
@@ -431,7 +429,7 @@ def configure_unsharded(stage: WallarooStage) -> None:
             from lightning.pytorch.strategies import FSDPStrategy
 
             if isinstance(trainer.strategy, FSDPStrategy):
-                raise ValueError("parallel.compile is for one device or ddp, not FSDP; set it to false")
+                raise ValueError(compile_refused("FSDP (FSDPStrategy)"))
             device = trainer.strategy.root_device
         else:
             device = torch.device("cpu")
@@ -440,6 +438,11 @@ def configure_unsharded(stage: WallarooStage) -> None:
             warnings.warn(f"parallel.compile: {why_not}; training without torch.compile", stacklevel=2)
         else:
             stage.model.compile_llm()
+
+
+def compile_refused(where: str) -> str:
+    """The one-line error for ``parallel.compile`` under a sharding strategy (not measured there)."""
+    return f"parallel.compile is for one device or ddp, not {where}; set parallel.compile: false"
 
 
 def compile_unavailable(device: torch.device) -> str | None:
