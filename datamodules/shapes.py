@@ -34,7 +34,14 @@ import numpy as np
 import webdataset as wds
 from PIL import Image
 
-from datamodules.shapes_world import SAMPLE_GENERATORS, SIZES, SPEC_VERSION, scene_to_json
+from datamodules.shapes_world import (
+    EDIT_OPS,
+    SAMPLE_GENERATORS,
+    SIZES,
+    SPEC_VERSION,
+    check_edit_ops,
+    scene_to_json,
+)
 
 TASKS: tuple[str, ...] = ("t2i", "und", "edit")
 
@@ -86,8 +93,9 @@ def to_record(task: str, sample: dict[str, Any]) -> dict[str, Any]:
     raise ValueError(f"unknown task {task!r}; expected one of {TASKS}")
 
 
-def _write_shard(path: str, task: str, seed: int, start: int, count: int) -> int:
+def _write_shard(path: str, task: str, seed: int, start: int, count: int, edit_ops: tuple[str, ...]) -> int:
     """Write samples ``start .. start+count-1`` of ``task`` to one tar; returns the number written.
+    ``edit_ops``: the op cycle of editing samples (:func:`datamodules.shapes_world.edit_samples`).
 
     A top-level function so that a process pool can run it; samples depend only on ``(seed, index)``
     so shards are independent jobs.
@@ -98,7 +106,8 @@ def _write_shard(path: str, task: str, seed: int, start: int, count: int) -> int
         # webdataset 1.0.2 computes its USTAR default format but never hands it to tarfile, which then
         # builds PAX headers: same bytes for our short ASCII names, but twice as slow to build.
         writer.tarstream.format = tarfile.USTAR_FORMAT
-        for sample in SAMPLE_GENERATORS[task](count, seed, start):
+        extra = {"ops": edit_ops} if task == "edit" else {}
+        for sample in SAMPLE_GENERATORS[task](count, seed, start, **extra):
             writer.write(to_record(task, sample))
             n += 1
     return n
@@ -111,6 +120,7 @@ def write_shapes_shards(
     tasks: Sequence[str] = TASKS,
     shard_size: int = 1000,
     workers: int | None = None,
+    edit_ops: Sequence[str] = EDIT_OPS,
 ) -> dict[str, Any]:
     """Write ``samples`` samples of each task in ``tasks`` under ``out`` and return the manifest.
 
@@ -119,7 +129,8 @@ def write_shapes_shards(
     most one per shard; 1 writes in this process). Existing ``shard-*.tar`` files in a task's folder
     are removed first so that a glob never mixes runs. The manifest (also written to
     ``out/manifest.json``) holds the spec version, seed, shard size, counts and the shard paths
-    relative to ``out``.
+    relative to ``out``. ``edit_ops``: the op cycle of the editing samples (default balanced; repeat an op to
+    give it a larger share of training), recorded in the manifest.
     """
     if samples < 0:
         raise ValueError("samples must be >= 0")
@@ -128,9 +139,10 @@ def write_shapes_shards(
     unknown = [t for t in tasks if t not in TASKS]
     if unknown:
         raise ValueError(f"unknown tasks {unknown}; expected a subset of {TASKS}")
+    edit_ops = check_edit_ops(edit_ops)
     root = Path(out)
     root.mkdir(parents=True, exist_ok=True)
-    jobs: list[tuple[str, str, int, int, int]] = []  # (abs path, task, seed, start, count)
+    jobs: list[tuple[str, str, int, int, int, tuple[str, ...]]] = []  # (abs path, task, seed, start, count, ops)
     shards: dict[str, list[str]] = {}
     for task in dict.fromkeys(tasks):  # de-duplicated, order kept
         task_dir = root / task
@@ -141,7 +153,7 @@ def write_shapes_shards(
         for k, start in enumerate(range(0, samples, shard_size)):
             rel = f"{task}/shard-{k:06d}.tar"
             shards[task].append(rel)
-            jobs.append((str(root / rel), task, int(seed), start, min(shard_size, samples - start)))
+            jobs.append((str(root / rel), task, int(seed), start, min(shard_size, samples - start), edit_ops))
     n_workers = min(len(jobs), workers if workers is not None else (os.cpu_count() or 1))
     if n_workers <= 1:
         written = [_write_shard(*job) for job in jobs]
@@ -158,6 +170,7 @@ def write_shapes_shards(
         "shard_size": int(shard_size),
         "sizes": [list(s) for s in SIZES],
         "counts": counts,
+        "edit_ops": list(edit_ops),
         "shards": shards,
     }
     (root / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
@@ -173,10 +186,13 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     p.add_argument("--shard-size", type=int, default=1000, help="samples per tar shard")
     p.add_argument("--tasks", nargs="+", default=list(TASKS), choices=list(TASKS))
     p.add_argument("--workers", type=int, default=None, help="writer processes (default: CPU count)")
+    p.add_argument("--edit-ops", nargs="+", default=list(EDIT_OPS), choices=list(EDIT_OPS),
+                   help="the op cycle of the editing samples; repeat an op to give it a larger share")
     args = p.parse_args(argv)
     t0 = time.perf_counter()
     manifest = write_shapes_shards(
-        args.out, args.samples, args.seed, args.tasks, args.shard_size, workers=args.workers
+        args.out, args.samples, args.seed, args.tasks, args.shard_size, workers=args.workers,
+        edit_ops=args.edit_ops,
     )
     dt = time.perf_counter() - t0
     print(f"wrote {manifest['counts']} to {args.out} in {dt:.1f}s")

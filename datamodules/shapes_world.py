@@ -425,6 +425,15 @@ def _fresh_offset(rng: np.random.Generator, size: tuple[int, int]) -> tuple[int,
     return int(oy), int(ox)
 
 
+def check_edit_ops(ops: Sequence[str]) -> tuple[str, ...]:
+    """``ops`` as a tuple; fails in one line when it is empty or names an op not in :data:`EDIT_OPS`."""
+    ops = tuple(ops)
+    bad = [op for op in ops if op not in EDIT_OPS]
+    if not ops or bad:
+        raise ValueError(f"edit ops {list(ops)}: expected a non-empty list of {list(EDIT_OPS)}")
+    return ops
+
+
 def valid_edit_ops(scene: Scene) -> list[str]:
     """The ops of :data:`EDIT_OPS` that the spec's validity rules allow on ``scene``."""
     ops = ["recolor"]  # a different colour always exists
@@ -556,17 +565,22 @@ def und_samples(n: int, seed: int, start: int = 0) -> Iterator[dict[str, Any]]:
         }
 
 
-def edit_samples(n: int, seed: int, start: int = 0) -> Iterator[dict[str, Any]]:
+def edit_samples(
+    n: int, seed: int, start: int = 0, ops: Sequence[str] = EDIT_OPS
+) -> Iterator[dict[str, Any]]:
     """Editing samples ``start .. start+n-1``, deterministic in ``seed`` (see :func:`t2i_samples`).
 
     Each dict: ``key``, ``lang``, ``size``, ``scene``, ``op``, ``instruction``, ``target_scene``,
-    ``src`` and ``tgt`` (uint8 [H, W, 3], same size). Ops cycle every 6 samples (balanced); the
-    source scene is redrawn until the op is valid, i.e. it is uniform among scenes allowing the op.
+    ``src`` and ``tgt`` (uint8 [H, W, 3], same size). The op changes every 6 samples, going round
+    ``ops`` (default :data:`EDIT_OPS`, balanced, as ShapesEval draws them; training shards may repeat an op
+    to give it a larger share, e.g. ``("recolor", "recolor", "remove", "add", "move")``). The source
+    scene is redrawn until the op is valid, i.e. it is uniform among scenes allowing the op.
     """
+    ops = check_edit_ops(ops)
     for i in range(start, start + n):
         rng = _sample_rng(seed, "edit", i)
         lang, (w, h) = _lang_size(i)
-        op = EDIT_OPS[(i // 6) % len(EDIT_OPS)]
+        op = ops[(i // 6) % len(ops)]
         while True:
             scene = random_scene(rng, size=(w, h))
             result = make_edit(scene, op, lang, rng, (w, h))

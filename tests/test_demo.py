@@ -59,3 +59,17 @@ def test_run_parallel_splits_the_cores_it_is_given(tmp_path: Path, capsys: pytes
     ok = [sys.executable, "-c", "import os; print('threads', os.environ['OMP_NUM_THREADS'])"]
     run_parallel([("a", ok, tmp_path / "a.log"), ("b", ok, tmp_path / "b.log")], {"OMP_NUM_THREADS": "6"})
     assert (tmp_path / "a.log").read_text().strip() == "threads 3"
+
+
+def test_shards_are_rewritten_when_samples_seed_or_edit_ops_change(tmp_path: Path) -> None:
+    from datamodules.shapes import write_shapes_shards
+    from wallaroo.demo import EDIT_OPS_MIX, shards_current
+
+    manifest = tmp_path / "manifest.json"
+    mix = list(EDIT_OPS_MIX)
+    assert not shards_current(manifest, 6, 0, mix)
+    write_shapes_shards(tmp_path, 6, 0, ["t2i", "edit"], shard_size=6, workers=1, edit_ops=mix)
+    assert shards_current(manifest, 6, 0, mix)
+    assert not shards_current(manifest, 7, 0, mix)
+    assert not shards_current(manifest, 6, 1, mix)
+    assert not shards_current(manifest, 6, 0, ["recolor", "remove", "add", "move"])

@@ -144,3 +144,20 @@ def test_code_position_scale_adds_features_only_where_places_are():
     grid = torch.stack(torch.meshgrid(torch.arange(32), torch.arange(32), indexing="ij"), -1).view(-1, 2)
     feats = grid_place_features(grid, 64)
     assert float((torch.cdist(feats, feats) + torch.eye(1024) * 10).min()) > 0.1
+
+
+def test_patch_embedding_runs_as_a_matrix_product_equal_to_the_conv3d():
+    from wallaroo.model import patch_embed_as_linear
+
+    torch.manual_seed(0)
+    model = WallarooModel(get_preset("tiny"))
+    embed = model.backbone.model.visual.patch_embed
+    assert "forward" in vars(embed)  # the product, not the class's Conv3d forward
+    assert isinstance(embed.proj, nn.Conv3d) and "proj.weight" in dict(embed.named_parameters())
+    pixels = torch.randn(12, embed.in_channels * embed.temporal_patch_size * embed.patch_size**2)
+    with torch.no_grad():
+        conv = type(embed).forward(embed, pixels)  # the transformers forward (Conv3d)
+        assert torch.allclose(embed(pixels), conv, atol=1e-5)
+    embed.proj = nn.Linear(2, 2)
+    with pytest.raises(TypeError, match="expected Conv3d"):
+        patch_embed_as_linear(model.backbone)

@@ -567,3 +567,23 @@ def test_shard_writer_deterministic_parallel_and_cli(tmp_path: Path, capsys) -> 
     assert [p.name for p in (tmp_path / "a" / "edit").iterdir()] == ["shard-000000.tar"]
     with pytest.raises(ValueError):
         write_shapes_shards(tmp_path / "c", 3, 0, ["vqa"])
+
+
+def test_edit_op_cycle_sets_each_ops_share_and_is_recorded(tmp_path: Path) -> None:
+    mix = ("recolor", "remove", "recolor", "move")
+    n = 240  # 40 blocks of 6 samples, each block one op
+    edit = list(sw.edit_samples(n, 4, ops=mix))
+    assert Counter(s["op"] for s in edit) == {"recolor": 120, "remove": 60, "move": 60}
+    for s in edit[:60]:
+        _check_edit(s["scene"], s["op"], s["lang"], s["instruction"], s["target_scene"], s["size"])
+    # Languages and sizes stay balanced; a sample depends on (seed, index, its op) only.
+    assert Counter(s["lang"] for s in edit) == {"en": n // 2, "zh": n // 2}
+    assert [_strip(s) for s in sw.edit_samples(6, 4, start=12, ops=mix)] == [_strip(s) for s in edit[12:18]]
+    for bad in ((), ("recolor", "rotate")):
+        with pytest.raises(ValueError, match="expected a non-empty list of"):
+            list(sw.edit_samples(6, 4, ops=bad))
+    m = shapes_main(["--out", str(tmp_path), "--samples", "12", "--tasks", "edit", "--shard-size", "12",
+                     "--workers", "1", "--edit-ops", "move", "add"])
+    assert m["edit_ops"] == ["move", "add"]
+    assert [g["json"]["op"] for g in _read([str(tmp_path / m["shards"]["edit"][0])])] == ["move"] * 6 + ["add"] * 6
+    assert write_shapes_shards(tmp_path, 1, 0, ["t2i"], workers=1)["edit_ops"] == list(sw.EDIT_OPS)

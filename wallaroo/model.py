@@ -113,6 +113,22 @@ def build_backbone(cfg: WallarooConfig) -> nn.Module:
     return Qwen2_5_VLForConditionalGeneration(hf_cfg)
 
 
+def patch_embed_as_linear(backbone: nn.Module) -> None:
+    """Run the ViT's patch embedding as one matrix product over each flattened 2x14x14x3 patch instead of
+    ``Conv3d``: kernel and stride are equal, so the result is the same (the tests compare both); parameters and
+    ``state_dict`` keys (``patch_embed.proj.weight``, a Conv3d weight) do not change. On the 2-core CPU oneDNN's
+    Conv3d took ~4x the time of the product (``benchmarks/compile_step.py``'s stage-4 step)."""
+    embed = backbone.model.visual.patch_embed
+    if not isinstance(embed.proj, nn.Conv3d):
+        raise TypeError(f"patch_embed.proj is {type(embed.proj).__name__}, expected Conv3d")
+    embed.forward = _linear_patch_forward.__get__(embed)
+
+
+def _linear_patch_forward(self: nn.Module, hidden_states: Tensor) -> Tensor:
+    weight = self.proj.weight
+    return F.linear(hidden_states.reshape(-1, weight[0].numel()).to(weight.dtype), weight.reshape(weight.shape[0], -1))
+
+
 @dataclass
 class TaskLoss:
     """One task's loss and its parts. ``image`` is ``None`` for understanding."""
@@ -143,6 +159,7 @@ class WallarooModel(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.backbone = backbone if backbone is not None else build_backbone(cfg)
+        patch_embed_as_linear(self.backbone)
         hidden = self.backbone.config.text_config.hidden_size
         self.hidden_size = hidden
         self.gen_adapter = mlp_adapter(cfg.codebook_dim, hidden)
