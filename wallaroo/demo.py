@@ -232,6 +232,35 @@ def auto_precision(accelerator: str) -> str:
     return "bf16-mixed" if amx() else "32-true"
 
 
+# Seconds kept back from the time limit for the last step's start-up, its last checkpoint, its ShapesEval and the
+# interpreter's start before the demo's clock (on the 2-core CPU: ~12 s, ~2 s, ~15 s and ~5 s).
+TIME_RESERVE_S = 50
+
+
+def time_cap_args(limit_s: float, elapsed_s: float, reserve_s: float = TIME_RESERVE_S) -> list[str]:
+    """``wallaroo.fit`` arguments that stop the last step's training in time for the demo to end within ``limit_s``
+    seconds (0: no limit): Lightning's ``max_time`` (its clock starts with training), and no step checkpoints, so
+    that ``last.ckpt`` is written where training stops (``ModelCheckpoint`` saves the last one at the end of
+    training when it has saved none). The step count and its LR schedule stay the recipe's; a stop before the end
+    leaves the LR where the schedule had it."""
+    if limit_s <= 0:
+        return []
+    left = max(1, int(limit_s - elapsed_s - reserve_s))
+    days, rest = divmod(left, 86400)
+    hours, rest = divmod(rest, 3600)
+    minutes, seconds = divmod(rest, 60)
+    max_time = f"{days:02d}:{hours:02d}:{minutes:02d}:{seconds:02d}"
+    return ["--trainer.max_time", max_time, "--checkpoint.every_n_train_steps", "0"]
+
+
+def trained_steps(ckpt: Path) -> int | None:
+    """The optimiser steps a Lightning checkpoint was saved at (``None`` when it does not say)."""
+    import torch
+
+    step = torch.load(ckpt, map_location="cpu", weights_only=True, mmap=True).get("global_step")
+    return None if step is None else int(step)
+
+
 def shards_current(manifest: Path, samples: int, seed: int, edit_ops: list[str]) -> bool:
     """Whether the shards of an earlier run (its ``manifest.json``) are the ones asked for: same samples per task,
     seed and editing op cycle. Otherwise the demo writes them again."""
@@ -289,6 +318,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--edit-ops", nargs="+", default=list(EDIT_OPS_MIX), choices=EDIT_OPS, metavar="OP",
                         help="the editing shards' op cycle; repeat an op for a larger share (default: "
                              f"{' '.join(EDIT_OPS_MIX)}; ShapesEval is balanced whatever this is)")
+    parser.add_argument("--time-limit", type=float, default=None, metavar="SECONDS",
+                        help="end the whole run within this many seconds: the last stage trains until its share "
+                             "runs out (default 1200 for a full run, none with --quick; 0: no limit)")
     args = parser.parse_args(argv)
     budget, fit_overrides = parse_budget(args.budget), parse_overrides(args.override)
     accelerator = args.accelerator
@@ -312,7 +344,9 @@ def main(argv: list[str] | None = None) -> int:
 
         write_shapes_shards(str(out / "data"), samples, args.seed, edit_ops=args.edit_ops)
 
+    time_limit = args.time_limit if args.time_limit is not None else (0 if args.quick else 1200)
     results: dict[str, dict[str, Any]] = {}
+    last_wave = max(s.wave for s in STEPS if s.name in wanted)
     for wave in sorted({s.wave for s in STEPS}):
         steps = [s for s in STEPS if s.wave == wave and s.name in wanted]
         jobs = []
@@ -329,13 +363,22 @@ def main(argv: list[str] | None = None) -> int:
             for where, key, value in fit_overrides:
                 if where == step.name or (where == "stages" and step.name not in ("vq", "pretrain")):
                     cmd += [f"--{key}", value]
+            if wave == last_wave:
+                cmd += time_cap_args(time_limit, time.perf_counter() - t0)
             jobs.append((step.name, cmd, out / step.name / "fit.log"))
         if jobs:
             run_parallel(jobs, env)
         for step in steps:
+            planned = budget.get(step.name, step.quick_steps if args.quick else step.steps)
+            done = trained_steps(out / step.name / "last.ckpt")
+            if wave == last_wave and time_limit > 0 and done is not None and done < planned:
+                print(f"== {step.name} trained {done} of its {planned} steps: the time limit ({time_limit:.0f} s, "
+                      "--time-limit) stopped it")
             print(f"== evaluating {step.name}")
             device = "cuda" if accelerator == "gpu" else "cpu"
             results[step.name] = evaluate_step(step, out, eval_samples, args.eval_seed, device)
+            if done is not None:
+                results[step.name]["trained_steps"] = done
 
     print("\n" + results_table(results))
     results_chart(results, out / "results.png")
