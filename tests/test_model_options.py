@@ -161,3 +161,18 @@ def test_patch_embedding_runs_as_a_matrix_product_equal_to_the_conv3d():
     embed.proj = nn.Linear(2, 2)
     with pytest.raises(TypeError, match="expected Conv3d"):
         patch_embed_as_linear(model.backbone)
+
+
+def test_patch_embed_benchmark_runs_and_finds_the_two_equal():
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "patch_embed.py"
+    spec = importlib.util.spec_from_file_location("patch_embed_benchmark", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    rows = bench.main(["--repeats", "1"])
+    assert {r["case"] for r in rows} == {"shapes stage-4 batch (32 images)", "7B ViT, one 448x448 image"}
+    for r in rows:
+        assert r["max_abs_diff"] < (1e-4 if r["dtype"] == "float32" else 5e-2)
+        assert r["conv3d_ms"] > 0 and r["product_ms"] > 0
