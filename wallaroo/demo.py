@@ -52,7 +52,8 @@ STEPS: tuple[Step, ...] = (
     # stage 4 is where steps pay most (from one stage-3 checkpoint, compiled, bf16: 650 -> 880 steps of the earlier
     # stage-4 mix took edit 0.135 -> 0.37 and t2i 0.85 -> 0.945), but stage 2 cannot give them up (fp32, 450 steps:
     # t2i 0.015; 600: 0.355). Without AMX (fp32) these budgets take ~1.15-1.4x longer. Each fit also costs ~10 s
-    # of start-up and each ShapesEval 3-15 s. Slower hosts (seen: up to 2x) take longer.
+    # of start-up and each ShapesEval 3-15 s. Slower hosts (seen: up to 2x; 1367 s for one run of these budgets)
+    # take longer, so --time-limit (default 1200 s) cuts stage 4 short where the 20 minutes would not hold.
     Step("vq", "shapes/vq.yaml", 1200, 120, (), "the image tokenizer", wave=0),
     Step("pretrain", "shapes/pretrain.yaml", 400, 15, ("und",), "understanding (the small VLM)", wave=0),
     Step("stage1", "shapes/stage1.yaml", 20, 5, ("t2i",), "first images (48x48)", wave=1),
