@@ -348,11 +348,13 @@ def main(argv: list[str] | None = None) -> int:
     time_limit = args.time_limit if args.time_limit is not None else (0 if args.quick else 1200)
     results: dict[str, dict[str, Any]] = {}
     last_wave = max(s.wave for s in STEPS if s.name in wanted)
+    planned = {s.name: budget.get(s.name, s.quick_steps if args.quick else s.steps) for s in STEPS}
+    device = "cuda" if accelerator == "gpu" else "cpu"
     for wave in sorted({s.wave for s in STEPS}):
         steps = [s for s in STEPS if s.wave == wave and s.name in wanted]
         jobs = []
         for step in steps:
-            n = budget.get(step.name, step.quick_steps if args.quick else step.steps)
+            n = planned[step.name]
             print(f"\n== {step.name}: {step.teaches} ({n} steps, {time.perf_counter() - t0:.0f}s so far)")
             cmd = [sys.executable, "-m", "wallaroo.fit", "--stage", step.recipe, "--trainer.max_steps", str(n),
                    "--trainer.accelerator", accelerator]
@@ -370,13 +372,11 @@ def main(argv: list[str] | None = None) -> int:
         if jobs:
             run_parallel(jobs, env)
         for step in steps:
-            planned = budget.get(step.name, step.quick_steps if args.quick else step.steps)
             done = trained_steps(out / step.name / "last.ckpt")
-            if wave == last_wave and time_limit > 0 and done is not None and done < planned:
-                print(f"== {step.name} trained {done} of its {planned} steps: the time limit ({time_limit:.0f} s, "
-                      "--time-limit) stopped it")
+            if wave == last_wave and time_limit > 0 and done is not None and done < planned[step.name]:
+                print(f"== {step.name} trained {done} of its {planned[step.name]} steps: the time limit "
+                      f"({time_limit:.0f} s, --time-limit) stopped it")
             print(f"== evaluating {step.name}")
-            device = "cuda" if accelerator == "gpu" else "cpu"
             results[step.name] = evaluate_step(step, out, eval_samples, args.eval_seed, device)
             if done is not None:
                 results[step.name]["trained_steps"] = done
