@@ -17,6 +17,7 @@ from __future__ import annotations
 import logging
 import math
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from typing import Any, ClassVar
 
@@ -48,6 +49,10 @@ class OptimConfig:
     schedule: str = "constant"
     min_lr_ratio: float = 0.1
     total_steps: int | None = None
+    # With ``trainer.max_time`` set, the cosine's progress is the larger of its step progress and the training
+    # time spent over ``max_time``, so a run that its time limit stops ends annealed (step-only schedules stop
+    # mid-decay). Ranks share rank 0's clock. Off: the schedule follows steps only.
+    time_horizon: bool = False
     # Per-part LR multipliers of a Wallaroo model ({"vit": 0.1}: the ViT and merger at a tenth of ``lr``); parts
     # are those of wallaroo.freezing. Unnamed parts train at ``lr``.
     lr_scale: dict[str, float] = field(default_factory=dict)
@@ -85,13 +90,17 @@ class PreviewConfig:
     max_new_tokens: int = 48
 
 
-def lr_lambda(step: int, warmup: int, total: int | None, schedule: str, min_ratio: float) -> float:
-    """Multiplier of the base LR at ``step``: linear warm-up, then constant or cosine to ``min_ratio``."""
+def lr_lambda(
+    step: int, warmup: int, total: int | None, schedule: str, min_ratio: float, time_progress: float = 0.0
+) -> float:
+    """Multiplier of the base LR at ``step``: linear warm-up, then constant or cosine to ``min_ratio``. The
+    cosine's progress is the larger of the step progress and ``time_progress`` (a fraction of a time budget)."""
     if warmup > 0 and step < warmup:
         return (step + 1) / warmup
-    if schedule == "constant" or not total or total <= warmup:
+    if schedule == "constant" or ((not total or total <= warmup) and time_progress <= 0):
         return 1.0
-    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    progress = (step - warmup) / max(1, total - warmup) if total and total > warmup else 0.0
+    progress = min(1.0, max(progress, time_progress))
     return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
@@ -133,14 +142,21 @@ def clean_overrides(overrides: dict[str, Any] | None) -> dict[str, Any]:
     return {k: None if v in ("None", "null") else v for k, v in (overrides or {}).items()}
 
 
-def build_optimizer(module: torch.nn.Module, o: OptimConfig, max_steps: int) -> dict[str, Any]:
-    """AdamW over ``param_groups`` and a per-step LambdaLR; the cosine horizon defaults to ``max_steps``."""
+def build_optimizer(
+    module: torch.nn.Module, o: OptimConfig, max_steps: int, time_progress: Callable[[], float] | None = None
+) -> dict[str, Any]:
+    """AdamW over ``param_groups`` and a per-step LambdaLR; the cosine horizon defaults to ``max_steps``.
+    ``time_progress`` (the fraction of a time budget spent, for ``OptimConfig.time_horizon``) is read at every
+    scheduler step."""
     groups = param_groups(module, o.weight_decay, o.lr, o.lr_scale)
     opt = torch.optim.AdamW(groups, lr=o.lr, betas=tuple(o.betas), eps=o.eps)
     total = o.total_steps or (max_steps if max_steps > 0 else None)
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: lr_lambda(s, o.warmup_steps, total, o.schedule, o.min_lr_ratio)
-    )
+
+    def multiplier(step: int) -> float:
+        spent = time_progress() if time_progress is not None and step >= o.warmup_steps else 0.0
+        return lr_lambda(step, o.warmup_steps, total, o.schedule, o.min_lr_ratio, spent)
+
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, multiplier)
     return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 
 
@@ -548,7 +564,27 @@ class WallarooStage(L.LightningModule):
 
     # ------------------------------------------------------------------------------ optimiser
     def configure_optimizers(self) -> dict[str, Any]:
-        return build_optimizer(self.model, self.optim, self.trainer.max_steps if self._trainer else -1)
+        max_steps = self.trainer.max_steps if self._trainer else -1
+        return build_optimizer(self.model, self.optim, max_steps, self._time_progress())
+
+    def _time_progress(self) -> Callable[[], float] | None:
+        """For ``optim.time_horizon``: training time spent over the trainer's ``max_time`` (rank 0's clock,
+        broadcast), or ``None`` without a time limit."""
+        if not self.optim.time_horizon or not self._trainer:
+            return None
+        from lightning.pytorch.callbacks import Timer
+
+        timers = [c for c in self.trainer.callbacks if isinstance(c, Timer) and c.time_remaining() is not None]
+        if not timers:
+            return None
+        timer, strategy = timers[0], self.trainer.strategy
+
+        def spent() -> float:
+            elapsed = timer.time_elapsed()
+            budget = elapsed + (timer.time_remaining() or 0.0)
+            return float(strategy.broadcast(min(1.0, elapsed / budget) if budget > 0 else 1.0))
+
+        return spent
 
     # ------------------------------------------------------------------------------ checkpoints
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:

@@ -134,8 +134,39 @@ def test_lr_schedules():
         0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi / 2))
     )
     assert lr_lambda(500, 10, 110, "cosine", 0.1) == pytest.approx(0.1)
+    # A time budget half spent at step 10 of 110: the cosine is half-way, whichever horizon is nearer.
+    assert lr_lambda(10, 10, 110, "cosine", 0.1, time_progress=0.5) == pytest.approx(0.55)
+    assert lr_lambda(60, 10, 110, "cosine", 0.1, time_progress=0.1) == pytest.approx(0.55)
+    assert lr_lambda(10, 10, None, "cosine", 0.1, time_progress=1.0) == pytest.approx(0.1)
+    assert lr_lambda(50, 10, 110, "constant", 0.1, time_progress=0.9) == 1.0
     with pytest.raises(ValueError):
         OptimConfig(schedule="linear")
+
+
+def test_time_horizon_anneals_by_the_trainers_time_limit(monkeypatch):
+    """``optim.time_horizon``: with ``max_time`` the cosine follows the time spent when it runs ahead of steps;
+    without the option (or without a time limit) it follows steps only."""
+    import lightning as L
+    from lightning.pytorch.callbacks import Timer
+
+    from stages.stage1 import Stage1
+
+    def multiplier_after_warmup(time_horizon: bool, max_time: dict | None) -> float:
+        optim = OptimConfig(lr=1.0, warmup_steps=2, schedule="cosine", time_horizon=time_horizon)
+        stage = Stage1(preset="tiny", optim=optim)
+        stage.configure_model()
+        trainer = L.Trainer(max_steps=1002, max_time=max_time, logger=False, enable_checkpointing=False,
+                            enable_progress_bar=False, accelerator="cpu")
+        stage.trainer = trainer
+        for timer in (c for c in trainer.callbacks if isinstance(c, Timer)):
+            monkeypatch.setattr(timer, "time_elapsed", lambda *a, **k: 75.0)
+        sched = stage.configure_optimizers()["lr_scheduler"]["scheduler"]
+        return sched.lr_lambdas[0](2)
+
+    three_quarters = 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * 0.75))
+    assert multiplier_after_warmup(True, {"seconds": 100}) == pytest.approx(three_quarters, rel=1e-3)
+    assert multiplier_after_warmup(False, {"seconds": 100}) == pytest.approx(1.0)
+    assert multiplier_after_warmup(True, None) == pytest.approx(1.0)
 
 
 def test_training_step_gradients_reach_only_trainable_parts():
