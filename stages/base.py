@@ -37,9 +37,14 @@ log = logging.getLogger(__name__)
 SKIPPED_STEPS_KEY = "wallaroo_skipped_steps"  # checkpoint entry: non-finite steps skipped so far in the run
 
 
+SCHEDULES = ("constant", "cosine", "wsd")
+
+
 @dataclass
 class OptimConfig:
-    """AdamW with warm-up and a constant or cosine schedule (the paper: betas (0.9, 0.95), no decay)."""
+    """AdamW with warm-up and a constant, cosine or warm-up-stable-decay schedule (the paper: betas (0.9, 0.95), no
+    decay). ``wsd`` holds the LR until the last ``decay_fraction`` of the horizon, then follows a cosine down to
+    ``min_lr_ratio``."""
 
     lr: float = 1e-4
     betas: tuple[float, float] = (0.9, 0.95)
@@ -48,6 +53,7 @@ class OptimConfig:
     warmup_steps: int = 0
     schedule: str = "constant"
     min_lr_ratio: float = 0.1
+    decay_fraction: float = 0.2
     total_steps: int | None = None
     # With ``trainer.max_time`` set, the cosine's progress is the larger of its step progress and the training
     # time spent over ``max_time``, so a run that its time limit stops ends annealed (step-only schedules stop
@@ -58,8 +64,10 @@ class OptimConfig:
     lr_scale: dict[str, float] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        if self.schedule not in ("constant", "cosine"):
-            raise ValueError(f"optim.schedule must be 'constant' or 'cosine', got {self.schedule!r}")
+        if self.schedule not in SCHEDULES:
+            raise ValueError(f"optim.schedule must be one of {', '.join(SCHEDULES)}, got {self.schedule!r}")
+        if not 0 < self.decay_fraction <= 1:
+            raise ValueError(f"optim.decay_fraction must be in (0, 1], got {self.decay_fraction}")
         if self.lr <= 0:
             raise ValueError(f"optim.lr must be positive, got {self.lr}")
         self.lr_scale = {str(k): float(v) for k, v in (self.lr_scale or {}).items()}
@@ -91,16 +99,25 @@ class PreviewConfig:
 
 
 def lr_lambda(
-    step: int, warmup: int, total: int | None, schedule: str, min_ratio: float, time_progress: float = 0.0
+    step: int,
+    warmup: int,
+    total: int | None,
+    schedule: str,
+    min_ratio: float,
+    time_progress: float = 0.0,
+    decay_fraction: float = 0.2,
 ) -> float:
-    """Multiplier of the base LR at ``step``: linear warm-up, then constant or cosine to ``min_ratio``. The
-    cosine's progress is the larger of the step progress and ``time_progress`` (a fraction of a time budget)."""
+    """Multiplier of the base LR at ``step``: linear warm-up, then constant, cosine to ``min_ratio``, or (``wsd``)
+    constant and a cosine over the last ``decay_fraction`` of the horizon. The progress is the larger of the step
+    progress and ``time_progress`` (a fraction of a time budget)."""
     if warmup > 0 and step < warmup:
         return (step + 1) / warmup
     if schedule == "constant" or ((not total or total <= warmup) and time_progress <= 0):
         return 1.0
     progress = (step - warmup) / max(1, total - warmup) if total and total > warmup else 0.0
     progress = min(1.0, max(progress, time_progress))
+    if schedule == "wsd":
+        progress = max(0.0, progress - (1 - decay_fraction)) / decay_fraction
     return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
@@ -154,7 +171,7 @@ def build_optimizer(
 
     def multiplier(step: int) -> float:
         spent = time_progress() if time_progress is not None and step >= o.warmup_steps else 0.0
-        return lr_lambda(step, o.warmup_steps, total, o.schedule, o.min_lr_ratio, spent)
+        return lr_lambda(step, o.warmup_steps, total, o.schedule, o.min_lr_ratio, spent, o.decay_fraction)
 
     sched = torch.optim.lr_scheduler.LambdaLR(opt, multiplier)
     return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}

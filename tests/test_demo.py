@@ -82,7 +82,8 @@ def test_time_cap_stops_the_last_step_in_time_and_keeps_its_last_checkpoint(tmp_
 
     assert time_cap_args(0, 500) == []  # no limit
     args = time_cap_args(1200, 1200 - TIME_RESERVE_S - 3725)  # 3725 s left for training: 1 h 2 min 5 s
-    assert args == ["--trainer.max_time", "00:01:02:05", "--checkpoint.every_n_train_steps", "0"]
+    assert args == ["--trainer.max_time", "00:01:02:05", "--model.init_args.optim.time_horizon", "true",
+                    "--checkpoint.every_n_train_steps", "0"]
     assert time_cap_args(1200, 1300)[1] == "00:00:00:01"  # over time already: stop after the first step
     torch.save({"global_step": 613, "state_dict": {"w": torch.zeros(2)}}, tmp_path / "last.ckpt")
     assert trained_steps(tmp_path / "last.ckpt") == 613

@@ -139,6 +139,14 @@ def test_lr_schedules():
     assert lr_lambda(60, 10, 110, "cosine", 0.1, time_progress=0.1) == pytest.approx(0.55)
     assert lr_lambda(10, 10, None, "cosine", 0.1, time_progress=1.0) == pytest.approx(0.1)
     assert lr_lambda(50, 10, 110, "constant", 0.1, time_progress=0.9) == 1.0
+    # wsd: flat for the first 80% after warm-up, then a cosine over the last 20% (here steps 90..110).
+    assert lr_lambda(89, 10, 110, "wsd", 0.1) == 1.0
+    assert lr_lambda(100, 10, 110, "wsd", 0.1) == pytest.approx(0.55)
+    assert lr_lambda(110, 10, 110, "wsd", 0.1) == pytest.approx(0.1)
+    assert lr_lambda(10, 10, 110, "wsd", 0.1, time_progress=0.9) == pytest.approx(0.55)
+    assert lr_lambda(60, 10, 110, "wsd", 0.1, decay_fraction=1.0) == lr_lambda(60, 10, 110, "cosine", 0.1)
+    with pytest.raises(ValueError, match="decay_fraction"):
+        OptimConfig(schedule="wsd", decay_fraction=0)
     with pytest.raises(ValueError):
         OptimConfig(schedule="linear")
 

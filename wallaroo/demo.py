@@ -240,10 +240,10 @@ TIME_RESERVE_S = 50
 
 def time_cap_args(limit_s: float, elapsed_s: float, reserve_s: float = TIME_RESERVE_S) -> list[str]:
     """``wallaroo.fit`` arguments that stop the last step's training in time for the demo to end within ``limit_s``
-    seconds (0: no limit): Lightning's ``max_time`` (its clock starts with training), and no step checkpoints, so
-    that ``last.ckpt`` is written where training stops (``ModelCheckpoint`` saves the last one at the end of
-    training when it has saved none). The step count and its LR schedule stay the recipe's; a stop before the end
-    leaves the LR where the schedule had it."""
+    seconds (0: no limit): Lightning's ``max_time`` (its clock starts with training), ``optim.time_horizon`` (the
+    recipe's decaying schedule runs by the time spent when that runs ahead of its steps, so a stopped step has
+    annealed), and no step checkpoints, so that ``last.ckpt`` is written where training stops
+    (``ModelCheckpoint`` saves the last one at the end of training when it has saved none)."""
     if limit_s <= 0:
         return []
     left = max(1, int(limit_s - elapsed_s - reserve_s))
@@ -251,7 +251,8 @@ def time_cap_args(limit_s: float, elapsed_s: float, reserve_s: float = TIME_RESE
     hours, rest = divmod(rest, 3600)
     minutes, seconds = divmod(rest, 60)
     max_time = f"{days:02d}:{hours:02d}:{minutes:02d}:{seconds:02d}"
-    return ["--trainer.max_time", max_time, "--checkpoint.every_n_train_steps", "0"]
+    return ["--trainer.max_time", max_time, "--model.init_args.optim.time_horizon", "true",
+            "--checkpoint.every_n_train_steps", "0"]
 
 
 def trained_steps(ckpt: Path) -> int | None:
