@@ -55,7 +55,7 @@ class OptimConfig:
     min_lr_ratio: float = 0.1
     decay_fraction: float = 0.2
     total_steps: int | None = None
-    # With ``trainer.max_time`` set, the cosine's progress is the larger of its step progress and the training
+    # With ``trainer.max_time`` set, the schedule's progress is the larger of its step progress and the training
     # time spent over ``max_time``, so a run that its time limit stops ends annealed (step-only schedules stop
     # mid-decay). Ranks share rank 0's clock. Off: the schedule follows steps only.
     time_horizon: bool = False
@@ -168,10 +168,14 @@ def build_optimizer(
     groups = param_groups(module, o.weight_decay, o.lr, o.lr_scale)
     opt = torch.optim.AdamW(groups, lr=o.lr, betas=tuple(o.betas), eps=o.eps)
     total = o.total_steps or (max_steps if max_steps > 0 else None)
+    memo: dict[str, float] = {}  # LambdaLR asks once per param group: one multiplier (one clock read) per step
 
     def multiplier(step: int) -> float:
-        spent = time_progress() if time_progress is not None and step >= o.warmup_steps else 0.0
-        return lr_lambda(step, o.warmup_steps, total, o.schedule, o.min_lr_ratio, spent, o.decay_fraction)
+        if memo.get("step") != step:
+            spent = time_progress() if time_progress is not None else 0.0
+            value = lr_lambda(step, o.warmup_steps, total, o.schedule, o.min_lr_ratio, spent, o.decay_fraction)
+            memo.update(step=step, value=value)
+        return memo["value"]
 
     sched = torch.optim.lr_scheduler.LambdaLR(opt, multiplier)
     return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
@@ -595,13 +599,8 @@ class WallarooStage(L.LightningModule):
         if not timers:
             return None
         timer, strategy = timers[0], self.trainer.strategy
-
-        def spent() -> float:
-            elapsed = timer.time_elapsed()
-            budget = elapsed + (timer.time_remaining() or 0.0)
-            return float(strategy.broadcast(min(1.0, elapsed / budget) if budget > 0 else 1.0))
-
-        return spent
+        budget = timer.time_elapsed() + (timer.time_remaining() or 0.0)  # max_time, in seconds
+        return lambda: float(strategy.broadcast(min(1.0, timer.time_elapsed() / budget) if budget > 0 else 1.0))
 
     # ------------------------------------------------------------------------------ checkpoints
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
